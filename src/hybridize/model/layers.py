@@ -1,0 +1,208 @@
+"""The hybrid's modules: norms, rotary embedding, SwiGLU MLP, gated softmax attention and Gated DeltaNet.
+
+Parameter names, shapes and norm conventions equal transformers' `qwen3_5_text` (Qwen3_5Attention,
+Qwen3_5GatedDeltaNet), so a checkpoint moves between the two by renaming `model_type` only. The math of the
+linear-attention core lives in `hybridize.ops`; this file only projects, reshapes and gates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+from ..ops.conv import causal_conv1d
+from ..ops.dispatch import gated_delta_rule
+from .config import HybridConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computing x̂·(1 + w) in float32, as qwen3_5_text does: a source weight w is stored as w − 1."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+class GatedRMSNorm(nn.Module):
+    """DeltaNet output norm: rmsnorm(o)·w·silu(z), with a plain (not zero-centred) weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * xf.to(dtype)
+        return (out * F.silu(gate.float())).to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the source's RoPE (theta and any scaling type transformers knows)."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        inv_freq, self.attention_scaling = self.compute_inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.original_inv_freq = inv_freq  # read by transformers' dynamic_rope_update
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+
+    def compute_inv_freq(self, device=None) -> tuple[torch.Tensor, float]:
+        if self.rope_type != "default":
+            return ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
+        base = self.config.rope_parameters["rope_theta"]
+        dim = int(self.config.head_dim * self.config.rope_parameters.get("partial_rotary_factor", 1.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float().to(device) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device, torch.float)  # (B, T, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` channels of x (B, H, T, d); the rest pass through (partial rotary)."""
+    rot = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rot)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GatedAttention(nn.Module):
+    """Softmax attention (GQA, RoPE, optional q/k-norm) with an elementwise sigmoid output gate (arXiv 2505.06708).
+
+    q_proj emits 2·d rows per head, interleaved per head as [q_h; gate_h]; output = o_proj(attn · σ(gate)).
+    """
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim * 2, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        if config.attention_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, position_embeddings, attn_mask=None, cache=None):
+        B, T, _ = x.shape
+        q, gate = self.q_proj(x).view(B, T, self.num_heads, 2, self.head_dim).unbind(3)  # (B, T, H, d) each
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d)
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update_kv(self.layer_idx, k, v)
+        # attn_mask: None with is_causal for plain prefill, else a boolean (B, 1, T, S) mask (True = attend)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # (B, H, T, d)
+        y = y.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1))
+        return self.o_proj(y)
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(|x|² + eps) in float32, as fla and transformers' qwen3_5 normalise q and k."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet (arXiv 2412.06464) in the qwen3_5_text layout.
+
+    q,k,v = silu(conv1d(in_proj_qkv(x))), g = −exp(A_log)·softplus(a + dt_bias), β = σ(b),
+    S_t = e^{g_t} S_{t−1} + β_t (v_t − e^{g_t} S_{t−1} k_t) k_tᵀ, o_t = S_t q_t,  y = out_proj(rmsnorm(o)·w·silu(z)).
+    """
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_k_heads = config.linear_num_key_heads
+        self.num_v_heads = config.linear_num_value_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        hidden = config.hidden_size
+        self.in_proj_qkv = nn.Linear(hidden, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(hidden, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(hidden, self.num_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(hidden, self.num_v_heads, bias=False)
+        kernel = config.linear_conv_kernel_dim
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel, groups=self.conv_dim, padding=kernel - 1, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        if pad_mask is not None:  # zero padded tokens so they leave the conv and recurrent states untouched
+            x = x * pad_mask[:, :, None].to(x.dtype)
+        conv_state, recurrent_state = cache.linear_state(self.layer_idx) if cache is not None else (None, None)
+        mixed, conv_state = causal_conv1d(
+            self.in_proj_qkv(x), self.conv1d.weight.squeeze(1), conv_state, output_final_state=cache is not None
+        )  # (B, T, conv_dim), SiLU applied
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2norm(q.view(B, T, self.num_k_heads, self.head_k_dim))
+        k = l2norm(k.view(B, T, self.num_k_heads, self.head_k_dim))
+        v = v.view(B, T, self.num_v_heads, self.head_v_dim)
+        beta = self.in_proj_b(x).sigmoid()  # (B, T, Hv)
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())  # (B, T, Hv)
+        o, recurrent_state = gated_delta_rule(
+            q, k, v, g, beta, initial_state=recurrent_state, output_final_state=cache is not None
+        )  # (B, T, Hv, dv)
+        if cache is not None:
+            cache.update_linear_state(self.layer_idx, conv_state, recurrent_state)
+        z = self.in_proj_z(x).view(B, T, self.num_v_heads, self.head_v_dim)
+        return self.out_proj(self.norm(o, z).reshape(B, T, self.value_dim))
