@@ -17,6 +17,15 @@ def layer_types_from_pattern(num_layers: int, deltanet_layer_pattern: list[int],
     return [LINEAR if i % pattern_period in deltanet_layer_pattern else FULL for i in range(num_layers)]
 
 
+def layer_stats(layer_types: list[str]) -> dict[str, int]:
+    """Count a layer schedule: {"deltanet_layers", "gated_attention_layers", "total_layers"}."""
+    return {
+        "deltanet_layers": layer_types.count(LINEAR),
+        "gated_attention_layers": layer_types.count(FULL),
+        "total_layers": len(layer_types),
+    }
+
+
 class HybridConfig(PreTrainedConfig):
     r"""Configuration of a Gated DeltaNet + gated softmax-attention hybrid (see docs and `../shared/design.md`).
 
@@ -77,4 +86,4 @@ class HybridConfig(PreTrainedConfig):
             raise ValueError("linear_num_value_heads must be a multiple of linear_num_key_heads")
 
 
-__all__ = ["HybridConfig", "layer_types_from_pattern", "LINEAR", "FULL"]
+__all__ = ["HybridConfig", "layer_stats", "layer_types_from_pattern", "LINEAR", "FULL"]

@@ -12,9 +12,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import HybridCache
-from .config import FULL, LINEAR, HybridConfig
+from .config import LINEAR, HybridConfig, layer_stats
 from .layers import MLP, GatedAttention, GatedDeltaNet, GatedRMSNorm, RMSNorm, RotaryEmbedding
-
 
 # transformers renamed the output's `past_key_values` field to `cache` after 5.17; generate reads whichever exists.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -150,12 +149,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     def get_layer_stats(self) -> dict[str, int]:
         """Counts of DeltaNet and gated-attention layers, e.g. 27 / 9 / 36 for Qwen3-8B with the 3:1 pattern."""
-        types = self.config.layer_types
-        return {
-            "deltanet_layers": types.count(LINEAR),
-            "gated_attention_layers": types.count(FULL),
-            "total_layers": len(types),
-        }
+        return layer_stats(self.config.layer_types)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, output_hidden_states=False,

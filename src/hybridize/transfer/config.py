@@ -57,9 +57,8 @@ class CrossArchTransferConfig:
 
     def __post_init__(self):
         if self.gate_init_strategy not in GATE_INIT_STRATEGIES:
-            raise HybridizeError(
-                f"unknown gate_init_strategy {self.gate_init_strategy!r}; choose one of {', '.join(GATE_INIT_STRATEGIES)}"
-            )
+            choices = ", ".join(GATE_INIT_STRATEGIES)
+            raise HybridizeError(f"unknown gate_init_strategy {self.gate_init_strategy!r}; choose one of {choices}")
         if self.distillation_temperature <= 0:
             raise HybridizeError("distillation_temperature must be > 0")
         if not 0.0 <= self.distillation_alpha <= 1.0:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from ..errors import HybridizeError
-from ..model.config import HybridConfig
+from ..model.config import HybridConfig, layer_stats
 from ..model.modeling import HybridForCausalLM
 from .config import CrossArchTransferConfig, HybridAttentionConfig, hybrid_config_from_source
 from .mapping import iter_hybrid_tensors
@@ -160,7 +160,6 @@ def convert_to_folder(source: str, output: str | Path, config: CrossArchTransfer
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    types = cfg.layer_types
     return {
         "output": str(output),
         "seconds": round(time.perf_counter() - start, 2),
@@ -168,6 +167,5 @@ def convert_to_folder(source: str, output: str | Path, config: CrossArchTransfer
         "dtype": str(dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for n, p in meta.named_parameters()),
         "bytes_written": writer.total_bytes,
-        "layer_stats": {"deltanet_layers": types.count("linear_attention"),
-                        "gated_attention_layers": types.count("full_attention"), "total_layers": len(types)},
+        "layer_stats": layer_stats(cfg.layer_types),
     }

@@ -1,12 +1,12 @@
 """How each hybrid tensor is made from the source: the weight-transfer recipe in one documented place.
 
-| source                      | gated attention layer                 | Gated DeltaNet layer                              |
-|-----------------------------|---------------------------------------|---------------------------------------------------|
-| q_proj                      | q rows of q_proj, interleaved per head | q rows of in_proj_qkv, q_norm weight folded in   |
-| k_proj, v_proj (Hkv heads)  | copy                                  | repeated to Hq heads, k_norm weight folded into k |
-| q_norm, k_norm              | copy (stored as w − 1)                | folded (the L2 norm replaces RMSNorm)             |
-| o_proj                      | copy, ×2 for gate "ones"/"small"      | out_proj                                          |
-| —                           | gate rows: 0 / 0 / N(0, 0.01²)        | conv1d identity, z = 0, a/b/A_log/dt_bias below   |
+| source                     | gated attention layer                  | Gated DeltaNet layer                       |
+|----------------------------|----------------------------------------|--------------------------------------------|
+| q_proj                     | q rows of q_proj, interleaved per head | q rows of in_proj_qkv, q_norm folded in    |
+| k_proj, v_proj (Hkv heads) | copy                                   | repeated to Hq heads, k_norm folded into k |
+| q_norm, k_norm             | copy (stored as w − 1)                 | folded (the L2 norm replaces RMSNorm)      |
+| o_proj                     | copy, ×2 for gate "ones"/"small"       | out_proj                                   |
+| —                          | gate rows: 0 / 0 / N(0, 0.01²)         | conv1d identity, z = 0, a/b/A_log/dt_bias  |
 
 DeltaNet's new parameters (documented default, stable at init):
 - `in_proj_z = 0`: silu(0) = 0 gates the output to zero, so each DeltaNet layer starts as a no-op on the residual

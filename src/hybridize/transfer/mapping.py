@@ -14,10 +14,8 @@ def _layer_tensors(source, cfg: HybridConfig, i: int, strategy: str, seed: int) 
     src, dst = f"model.layers.{i}.", f"model.layers.{i}."
     H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     gen = I.layer_generator(seed, i)
-    out = {
-        dst + "input_layernorm.weight": I.zero_centered(source.tensor(src + "input_layernorm.weight")),
-        dst + "post_attention_layernorm.weight": I.zero_centered(source.tensor(src + "post_attention_layernorm.weight")),
-    }
+    out = {dst + n: I.zero_centered(source.tensor(src + n))
+           for n in ("input_layernorm.weight", "post_attention_layernorm.weight")}
     for proj in ("gate_proj", "up_proj", "down_proj"):
         out[dst + f"mlp.{proj}.weight"] = source.tensor(src + f"mlp.{proj}.weight")
     q, k, v, o = (source.tensor(src + f"self_attn.{p}_proj.weight") for p in "qkvo")

@@ -35,30 +35,35 @@ class TensorEntry:
 
 
 def read_header(path: str | Path) -> dict[str, TensorEntry]:
-    """Parse a safetensors header; raise ValueError when the file is not one or is shorter than it says."""
+    """Parse a safetensors header; ValueError (a predicate: "is truncated …") when the file is not one or is short."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise ValueError(f"{path.name} is not a safetensors file (too short)")
+            raise ValueError("is truncated or not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", raw)
         if n > min(size - 8, 100_000_000):
-            raise ValueError(f"{path.name} is not a safetensors file or is truncated (bad header length)")
+            raise ValueError("is truncated or not a safetensors file (bad header length)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path.name} has a corrupt safetensors header") from e
+            raise ValueError("is corrupt: its safetensors header is not valid JSON") from e
+    if not isinstance(header, dict):
+        raise ValueError("is corrupt: its safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     entries, data_len = {}, 0
     for name, info in header.items():
-        if info["dtype"] not in DTYPES:
-            raise ValueError(f"{path.name}: tensor {name} has unsupported dtype {info['dtype']}")
-        b, e = info["data_offsets"]
-        entries[name] = TensorEntry(path, DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + b, 8 + n + e)
+        try:
+            dtype, shape, (b, e) = DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"is corrupt: bad header entry for tensor {name!r} (or unsupported dtype)") from None
+        if e - b != _nbytes(shape, dtype):
+            raise ValueError(f"is corrupt: tensor {name!r} has {e - b} bytes for shape {list(shape)}")
+        entries[name] = TensorEntry(path, dtype, shape, 8 + n + b, 8 + n + e)
         data_len = max(data_len, e)
     if size < 8 + n + data_len:
-        raise ValueError(f"{path.name} is truncated: {size} bytes, its header needs {8 + n + data_len}")
+        raise ValueError(f"is truncated: {size} bytes, its header needs {8 + n + data_len}")
     return entries
 
 
