@@ -154,6 +154,7 @@ def convert_to_folder(source: str, output: str | Path, config: CrossArchTransfer
                 for name, tensor in tensors:
                     writer.write(name, tensor)
                     bar.update(tensor.numel() * tensor.element_size())
+                    del tensor  # let it go before the next layer is read (the embedding alone is ~1.2 GB at 8B)
             writer.finish()
             _write_side_files(src, cfg, tmp)
             commit_output(tmp, output)
