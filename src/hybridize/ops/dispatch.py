@@ -3,16 +3,15 @@
 fla (flash-linear-attention >= 0.6) is imported lazily and only on first CUDA use. ``HYBRIDIZE_DISABLE_FLA=1``
 forces the PyTorch path.
 
-GVA: the fla kernels are called with q/k already expanded to Hv heads (``repeat_interleave``), as fla's own
-``GatedDeltaNet`` layer does (``repeat(x, '... h d -> ... (h g) d')`` when ``num_v_heads > num_heads``);
-this is correct whether or not a given fla version also accepts Hv > Hk natively.
+GVA: fla >= 0.6 handles Hv > Hk itself in both kernels (value head j reads q/k head j // (Hv // Hk), as ours do).
+Arguments go to fla by keyword: its `fused_recurrent_gated_delta_rule(q, k, v, g, gk, gv, beta, ...)` puts `gk`
+where the chunk kernel has `beta`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
 
@@ -48,9 +47,6 @@ def _torch_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final
     return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
-_warned_fp32 = False
-
-
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,31 +75,15 @@ def gated_delta_rule(
         return _torch_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
 
     fla_chunk, fla_recurrent = _fla_ops()
-    B, T, Hk, K = k.shape
-    Hv = v.shape[2]
+    T, K = k.shape[1], k.shape[3]
     if scale is None:
         scale = K**-0.5
-    if Hv != Hk:
-        q = q.repeat_interleave(Hv // Hk, dim=2)
-        k = k.repeat_interleave(Hv // Hk, dim=2)
     # fla wants q/k/v in one dtype and the state in float32
     q, k = q.to(v.dtype), k.to(v.dtype)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    kwargs = dict(scale=scale, initial_state=h0, output_final_state=output_final_state, use_qk_l2norm_in_kernel=False)
-    if T == 1:
-        o, ht = fla_recurrent(q, k, v, g, beta, **kwargs)
-    else:
-        try:
-            o, ht = fla_chunk(q, k, v, g, beta, **kwargs)
-        except AssertionError:
-            # some fla versions assert that the chunk kernel is not given float32 inputs
-            if v.dtype != torch.float32:
-                raise
-            global _warned_fp32
-            if not _warned_fp32:
-                warnings.warn("fla chunk kernel rejected float32 inputs; using the torch chunk path", stacklevel=2)
-                _warned_fp32 = True
-            return _torch_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+    kwargs = dict(g=g, beta=beta, scale=scale, initial_state=h0, output_final_state=output_final_state,
+                  use_qk_l2norm_in_kernel=False)
+    o, ht = (fla_recurrent if T == 1 else fla_chunk)(q, k, v, **kwargs)
     o = o.to(v.dtype)
     if ht is not None:
         ht = ht.float()
