@@ -134,3 +134,17 @@ def test_dtype_and_full_model_entry_point(tiny_llama_dir):
     model = create_full_hybrid_model(CrossArchTransferConfig(source_model=str(tiny_llama_dir)), dtype="bfloat16")
     assert model.dtype == torch.bfloat16 and model.config.attention_qk_norm is False
     assert model.model.layers[3].self_attn.q_norm is None
+
+
+def test_incomplete_source_is_refused_before_writing(tiny_qwen3_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hybridize import HybridizeError
+
+    weights = load_file(tiny_qwen3_dir / "model.safetensors")
+    del weights["model.layers.2.mlp.up_proj.weight"]
+    save_file(weights, tiny_qwen3_dir / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(HybridizeError, match="lacks tensors the conversion needs: model.layers.2.mlp.up_proj"):
+        convert_to_folder(str(tiny_qwen3_dir), out, progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
     hybridize convert SOURCE OUTPUT [--pattern 0,1,2] [--period 4] [--attention-layers 3,7] [--gate-init ones]
                                     [--dtype bfloat16] [--dry-run] [--force] [--seed 0]
+    hybridize export HYBRID_DIR OUT [--format qwen3_5] [--force]
 
 User mistakes (bad flags, unsupported or broken sources, an existing output) print one line,
 `hybridize: error: <message>`, on stderr and exit with status 2; never a traceback.
@@ -183,10 +184,6 @@ def cmd_convert(args) -> int:
         raise HybridizeError(f"{args.output} already exists; pass --force to replace it")
 
     source_config, family = read_source_config(args.source)  # cheap: config only, fails before any work
-    if not args.dry_run and Path(args.source).is_dir():
-        from .transfer.sources import open_source
-
-        open_source(args.source).close()  # local folder: check the weight files too (headers only, cheap)
     attention = _attention_config(args, source_config.num_hidden_layers)
     if family == "qwen3_5_text":
         if args.pattern is not None or args.period is not None or args.attention_layers is not None:
@@ -220,6 +217,40 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------------- export
+
+EXPORT_FORMATS = ("qwen3_5",)
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a hybridize model as a stock checkpoint (Qwen3.5) that transformers and vLLM run as-is",
+        description=(
+            "Write a hybridize model folder as a stock Qwen3.5 text checkpoint (model_type qwen3_5_text, "
+            "Qwen3_5ForCausalLM): same tensors, a rewritten config, tokenizer and generation config. Models the "
+            "format cannot express (no q/k-norm, as from Llama sources; RoPE types vLLM or transformers' Qwen3.5 "
+            "compute differently) are refused and nothing is written."
+        ),
+    )
+    p.add_argument("hybrid_dir", metavar="HYBRID_DIR", help="a folder written by `hybridize convert` (or "
+                   "save_pretrained of a HybridForCausalLM)")
+    p.add_argument("output", metavar="OUT", help="folder to write the export into (written to a temporary folder, "
+                   "renamed into place when complete)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="qwen3_5",
+                   help="checkpoint format: 'qwen3_5' = transformers' / vLLM's Qwen3_5ForCausalLM [default: qwen3_5]")
+    p.add_argument("--force", action="store_true", help="replace OUT if it already exists [default: refuse]")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .export.qwen3_5 import export_qwen3_5
+
+    summary = export_qwen3_5(args.hybrid_dir, args.output, force=args.force)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -232,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     add_convert_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

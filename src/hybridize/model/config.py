@@ -37,6 +37,7 @@ class HybridConfig(PreTrainedConfig):
 
     model_type = "hybridize"
     keys_to_ignore_at_inference = ["past_key_values"]
+    ignore_keys_at_rope_validation = {"mrope_section", "mrope_interleaved"}  # kept from imported Qwen3.5 configs
 
     vocab_size: int = 151936
     hidden_size: int = 1024
@@ -72,6 +73,25 @@ class HybridConfig(PreTrainedConfig):
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta", 1_000_000.0)}
         super().__post_init__(**kwargs)
+
+    @staticmethod
+    def _import_dict(config_dict: dict) -> dict:
+        """A stock `qwen3_5_text` config dict (Qwen3.5 models, our own exports) as ours; others unchanged."""
+        if config_dict.get("model_type") != "qwen3_5_text":
+            return config_dict
+        from ..export.qwen3_5 import qwen3_5_to_hybrid_config
+
+        return qwen3_5_to_hybrid_config(config_dict).to_dict()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """`from_pretrained` (and so `HybridForCausalLM.from_pretrained`) also reads a `qwen3_5_text` folder."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return cls._import_dict(config_dict), kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        return super().from_dict(cls._import_dict(config_dict), **kwargs)
 
     def validate_architecture(self):
         """Raise ValueError when the layer schedule or head layout cannot be built."""

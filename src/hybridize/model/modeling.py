@@ -136,6 +136,7 @@ class HybridModel(HybridPreTrainedModel):
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _keys_to_ignore_on_load_unexpected = [r"^mtp\."]  # Qwen3.5 checkpoints' MTP module is not imported
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)

@@ -7,21 +7,20 @@ temporary folder that is renamed into place only when everything is written.
 
 from __future__ import annotations
 
-import os
 import resource
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
 
 from ..errors import HybridizeError
+from ..export.qwen3_5 import iter_qwen3_5_tensors, qwen3_5_to_hybrid_config
 from ..model.config import HybridConfig, layer_stats
 from ..model.modeling import HybridForCausalLM
+from ..output import atomic_output_folder, copy_side_files
 from .config import CrossArchTransferConfig, HybridAttentionConfig, hybrid_config_from_source
-from .mapping import iter_hybrid_tensors
+from .mapping import iter_hybrid_tensors, required_source_tensors
 from .safetensors_io import ShardedWriter
 from .sources import open_source
 
@@ -47,10 +46,29 @@ def _transfer_config(config: CrossArchTransferConfig | HybridAttentionConfig | N
 
 
 def _hybrid_config(source, transfer: CrossArchTransferConfig, dtype: torch.dtype) -> HybridConfig:
-    cfg = hybrid_config_from_source(source.config, source.family, transfer.hybrid_attention)
+    if source.family == "qwen3_5_text":  # already this layout (Qwen3.5, or our own export): an exact import
+        cfg = qwen3_5_to_hybrid_config(source.config)
+    else:
+        cfg = hybrid_config_from_source(source.config, source.family, transfer.hybrid_attention)
     cfg.architectures = ["HybridForCausalLM"]
     cfg.dtype = dtype
     return cfg
+
+
+def _hybrid_tensors(source, cfg: HybridConfig, transfer: CrossArchTransferConfig, dtype: torch.dtype):
+    if source.family == "qwen3_5_text":
+        return iter_qwen3_5_tensors(source, cfg, dtype)
+    return iter_hybrid_tensors(source, cfg, transfer.gate_init_strategy, transfer.seed, dtype)
+
+
+def _check_complete(source, cfg: HybridConfig) -> None:
+    """Refuse a source that lacks tensors the transfer needs, before any output exists."""
+    if source.family == "qwen3_5_text":
+        return  # iter_qwen3_5_tensors checks names and shapes itself
+    missing = [n for n in required_source_tensors(cfg) if not source.has(n)]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise HybridizeError(f"{source.path} lacks tensors the conversion needs: {', '.join(missing[:3])}{more}")
 
 
 def _meta_model(cfg: HybridConfig) -> HybridForCausalLM:
@@ -70,10 +88,11 @@ def create_hybrid_from_qwen3(source, config: CrossArchTransferConfig | HybridAtt
     with open_source(source) as src:
         dtype = _resolve_dtype(dtype, src)
         cfg = _hybrid_config(src, transfer, dtype)
+        _check_complete(src, cfg)
         model = _meta_model(cfg).to_empty(device=device).to(dtype)
         params = dict(model.named_parameters(remove_duplicate=False))
         with torch.no_grad():
-            tensors = iter_hybrid_tensors(src, cfg, transfer.gate_init_strategy, transfer.seed, dtype)
+            tensors = _hybrid_tensors(src, cfg, transfer, dtype)
             for name, tensor in tqdm(tensors, desc="transfer", disable=not progress, total=len(params)):
                 params[name].copy_(tensor)
         model.tie_weights()
@@ -95,39 +114,6 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
-def _write_side_files(src, cfg: HybridConfig, folder: Path) -> None:
-    cfg.save_pretrained(folder)
-    for f in src.tokenizer_files:
-        if f.name != "config.json":
-            shutil.copy2(f, folder / f.name)
-    if not (folder / "generation_config.json").exists():
-        GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-                         pad_token_id=cfg.pad_token_id).save_pretrained(folder)
-
-
-def prepare_output(output: Path, force: bool) -> Path:
-    """Check OUTPUT can be written and return a fresh temporary folder beside it."""
-    if output.exists() and not force:
-        raise HybridizeError(f"{output} already exists; pass --force (force=True) to replace it")
-    if not output.parent.exists():
-        raise HybridizeError(f"the parent folder of {output} does not exist")
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def commit_output(tmp: Path, output: Path) -> None:
-    """Rename the finished temporary folder into place, replacing an old OUTPUT only now."""
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_to_folder(source: str, output: str | Path, config: CrossArchTransferConfig | None = None,
                       dtype: torch.dtype | str | None = None, force: bool = False, progress: bool = True,
                       max_shard_bytes: int = 2 * 1024**3) -> dict:
@@ -137,30 +123,27 @@ def convert_to_folder(source: str, output: str | Path, config: CrossArchTransfer
     """
     start = time.perf_counter()
     transfer = _transfer_config(config)
-    output = Path(output).absolute()
-    if output.exists() and not force:
+    output = Path(output).expanduser().absolute()
+    if output.exists() and not force:  # fail before reading a large source
         raise HybridizeError(f"{output} already exists; pass --force (force=True) to replace it")
     with open_source(source) as src:
         dtype = _resolve_dtype(dtype, src)
         cfg = _hybrid_config(src, transfer, dtype)
+        _check_complete(src, cfg)
         meta = _meta_model(cfg)
         specs = [(n, tuple(p.shape), dtype) for n, p in meta.state_dict().items()
                  if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
-        tmp = prepare_output(output, force)
-        try:
+        with atomic_output_folder(output, force) as tmp:
             writer = ShardedWriter(tmp, specs, max_shard_bytes)
-            tensors = iter_hybrid_tensors(src, cfg, transfer.gate_init_strategy, transfer.seed, dtype)
+            tensors = _hybrid_tensors(src, cfg, transfer, dtype)
             with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
                 for name, tensor in tensors:
                     writer.write(name, tensor)
                     bar.update(tensor.numel() * tensor.element_size())
                     del tensor  # let it go before the next layer is read (the embedding alone is ~1.2 GB at 8B)
             writer.finish()
-            _write_side_files(src, cfg, tmp)
-            commit_output(tmp, output)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            cfg.save_pretrained(tmp)
+            copy_side_files(src.tokenizer_files, tmp, cfg)
     return {
         "output": str(output),
         "seconds": round(time.perf_counter() - start, 2),

@@ -51,6 +51,19 @@ def _layer_tensors(source, cfg: HybridConfig, i: int, strategy: str, seed: int) 
     return out
 
 
+def required_source_tensors(cfg: HybridConfig) -> list[str]:
+    """Every source tensor the transfer reads, to check a checkpoint is complete before anything is written."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    per_layer = ["input_layernorm", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                 "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    if cfg.attention_qk_norm:
+        per_layer += ["self_attn.q_norm", "self_attn.k_norm"]
+    names += [f"model.layers.{i}.{n}.weight" for i in range(cfg.num_hidden_layers) for n in per_layer]
+    return names
+
+
 def iter_hybrid_tensors(source, cfg: HybridConfig, gate_init_strategy: str = "ones", seed: int = 0,
                         dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hybrid name, tensor in `dtype`) for every tensor of the hybrid, reading the source lazily.

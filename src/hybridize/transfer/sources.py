@@ -21,6 +21,7 @@ import torch
 from transformers import PretrainedConfig
 
 from ..errors import HybridizeError
+from ..output import TOKENIZER_FILES
 from .safetensors_io import TensorEntry, read_header, read_tensor
 
 SUPPORTED = (
@@ -50,17 +51,6 @@ MOE_MODEL_TYPES = {
 }
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
