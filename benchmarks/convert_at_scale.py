@@ -5,7 +5,8 @@ whole model in memory) plus its config.json into --workdir (reused when already 
 fresh process (peak RSS from getrusage(RUSAGE_CHILDREN) of a per-measurement wrapper process):
 
   (a) copy       shutil.copyfile of the shards (the floor: reading + writing the same bytes)
-  (b) transformers  AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16) (reading only)
+  (b) transformers  AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16) (lazily mapped), and the same
+      followed by a read of every weight (what loading the source before converting it costs)
   (c) hybridize  `hybridize convert src out --dtype bfloat16`
 
 and prints a table (wall seconds, peak RSS GB, wall ratio to the copy) and writes JSON to --output.
@@ -239,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             "AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)"
         )
         steps.append(("transformers from_pretrained", [py, "-c", load, str(src)]))
+        # from_pretrained maps the files lazily; touching every weight is what a load-then-convert path pays
+        touch = load.replace("AutoModelForCausalLM.from_pretrained", "m = AutoModelForCausalLM.from_pretrained")
+        touch += "\nprint(sum(float(p.float().sum()) for p in m.parameters()))"
+        steps.append(("transformers from_pretrained + read all", [py, "-c", touch, str(src)]))
     steps.append(
         ("hybridize convert", [py, "-m", "hybridize", "convert", str(src), str(out_dir), "--dtype", "bfloat16"])
     )
