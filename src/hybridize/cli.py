@@ -274,6 +274,9 @@ def _os_message(e: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # transformers' deprecation notices are not the user's business here
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -281,8 +284,6 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     except HybridizeError as e:
         message = " ".join(str(e).split())
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        message = _os_message(e)
     except OSError as e:
         message = _os_message(e)
     except KeyboardInterrupt:
