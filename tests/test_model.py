@@ -95,6 +95,15 @@ def test_generate_greedy_matches_manual_loop_and_padding(model):
 
 
 @torch.no_grad()
+def test_beam_search_with_cache_equals_without(model):
+    """Beam search reorders the cache (reorder_cache): DeltaNet states must follow their beams."""
+    ids = torch.randint(1, 97, (2, 7))
+    cached = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+    uncached = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+
+
+@torch.no_grad()
 def test_generate_sampling_runs_with_cache(model):
     torch.manual_seed(1)
     a = model.generate(torch.randint(1, 97, (2, 5)), max_new_tokens=6, do_sample=True, top_k=10)
