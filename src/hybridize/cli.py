@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from .errors import HybridizeError
-
-DTYPES = ("bfloat16", "float16", "float32")
-GATE_INITS = ("ones", "zero", "small")
+from .transfer.config import GATE_INIT_STRATEGIES
+from .transfer.convert import DTYPES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,7 +116,7 @@ def add_convert_parser(sub) -> None:
     )
     p.add_argument(
         "--gate-init",
-        choices=GATE_INITS,
+        choices=GATE_INIT_STRATEGIES,
         default="ones",
         help="attention output-gate init: 'ones' = gate rows 0 and o_proj doubled, so attention layers equal the "
         "source exactly; 'zero' = gate rows 0, no compensation (attention output halved); 'small' = gate rows "
@@ -126,7 +124,7 @@ def add_convert_parser(sub) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=DTYPES,
+        choices=list(DTYPES),
         default=None,
         help="dtype of the written weights [default: the source's stored dtype]",
     )
@@ -163,56 +161,32 @@ def _attention_config(args, num_layers: int):
     return attention
 
 
-def _plan_dtype(name: str | None, source_config):
-    import torch
-
-    if name is not None:
-        return getattr(torch, name)
-    stored = getattr(source_config, "dtype", None) or getattr(source_config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored.removeprefix("torch."), None)
-    return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.bfloat16
-
-
 def cmd_convert(args) -> int:
-    from .transfer.config import CrossArchTransferConfig, hybrid_config_from_source
+    from .transfer.config import CrossArchTransferConfig
+    from .transfer.convert import convert_to_folder, hybrid_config_for, resolve_dtype
     from .transfer.sources import read_source_config
 
     if not args.dry_run and not args.output:
         raise HybridizeError("convert needs an OUTPUT folder (or --dry-run to only print the plan)")
-    if args.output and not args.dry_run and Path(args.output).exists() and not args.force:
-        raise HybridizeError(f"{args.output} already exists; pass --force to replace it")
-
     source_config, family = read_source_config(args.source)  # cheap: config only, fails before any work
+    if family == "qwen3_5_text" and (args.pattern, args.period, args.attention_layers) != (None, None, None):
+        raise HybridizeError(
+            f"{args.source} is already a hybrid (qwen3_5_text); --pattern/--period/--attention-layers do not apply"
+        )
     attention = _attention_config(args, source_config.num_hidden_layers)
-    if family == "qwen3_5_text":
-        if args.pattern is not None or args.period is not None or args.attention_layers is not None:
-            raise HybridizeError(
-                f"{args.source} is already a hybrid (qwen3_5_text); --pattern/--period/--attention-layers do not apply"
-            )
-        hybrid_config = source_config
-    else:
-        hybrid_config = hybrid_config_from_source(source_config, family, attention)
-    transfer = CrossArchTransferConfig(
-        source_model=args.source, hybrid_attention=attention, gate_init_strategy=args.gate_init, seed=args.seed
-    )
-
     if args.dry_run:
         from .transfer.plan import conversion_plan
 
-        plan = {
-            "source": args.source,
-            **conversion_plan(source_config, family, hybrid_config, _plan_dtype(args.dtype, source_config)),
-        }
+        dtype = resolve_dtype(args.dtype, source_config)
+        hybrid_config = hybrid_config_for(source_config, family, attention, dtype)
+        plan = {"source": args.source, **conversion_plan(source_config, family, hybrid_config, dtype)}
         print(json.dumps(plan, indent=2))
         return 0
 
-    import torch
-
-    from .transfer.convert import convert_to_folder
-
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    summary = convert_to_folder(args.source, args.output, transfer, dtype=dtype, force=args.force, progress=True)
+    transfer = CrossArchTransferConfig(
+        source_model=args.source, hybrid_attention=attention, gate_init_strategy=args.gate_init, seed=args.seed
+    )
+    summary = convert_to_folder(args.source, args.output, transfer, dtype=args.dtype, force=args.force)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

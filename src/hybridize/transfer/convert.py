@@ -27,13 +27,16 @@ from .sources import open_source
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def _resolve_dtype(dtype, source) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, source_config) -> torch.dtype:
+    """The dtype asked for (a torch dtype or its name), else the source checkpoint's stored dtype, else float32."""
     if dtype is None:
-        dtype = getattr(source.config, "dtype", None) or torch.float32
+        stored = getattr(source_config, "dtype", None)
+        stored = str(stored).removeprefix("torch.") if stored is not None else None
+        return DTYPES.get(stored, torch.float32)
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
+        if dtype.removeprefix("torch.") not in DTYPES:
             raise HybridizeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+        return DTYPES[dtype.removeprefix("torch.")]
     return dtype
 
 
@@ -45,11 +48,13 @@ def _transfer_config(config: CrossArchTransferConfig | HybridAttentionConfig | N
     return config
 
 
-def _hybrid_config(source, transfer: CrossArchTransferConfig, dtype: torch.dtype) -> HybridConfig:
-    if source.family == "qwen3_5_text":  # already this layout (Qwen3.5, or our own export): an exact import
-        cfg = qwen3_5_to_hybrid_config(source.config)
+def hybrid_config_for(source_config, family: str, attention: HybridAttentionConfig, dtype: torch.dtype
+                      ) -> HybridConfig:
+    """The hybrid's config for a source config (used by conversion and by `--dry-run`)."""
+    if family == "qwen3_5_text":  # already this layout (Qwen3.5, or our own export): an exact import
+        cfg = qwen3_5_to_hybrid_config(source_config)
     else:
-        cfg = hybrid_config_from_source(source.config, source.family, transfer.hybrid_attention)
+        cfg = hybrid_config_from_source(source_config, family, attention)
     cfg.architectures = ["HybridForCausalLM"]
     cfg.dtype = dtype
     return cfg
@@ -86,8 +91,8 @@ def create_hybrid_from_qwen3(source, config: CrossArchTransferConfig | HybridAtt
     """
     transfer = _transfer_config(config)
     with open_source(source) as src:
-        dtype = _resolve_dtype(dtype, src)
-        cfg = _hybrid_config(src, transfer, dtype)
+        dtype = resolve_dtype(dtype, src.config)
+        cfg = hybrid_config_for(src.config, src.family, transfer.hybrid_attention, dtype)
         _check_complete(src, cfg)
         model = _meta_model(cfg).to_empty(device=device).to(dtype)
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -127,8 +132,8 @@ def convert_to_folder(source: str, output: str | Path, config: CrossArchTransfer
     if output.exists() and not force:  # fail before reading a large source
         raise HybridizeError(f"{output} already exists; pass --force (force=True) to replace it")
     with open_source(source) as src:
-        dtype = _resolve_dtype(dtype, src)
-        cfg = _hybrid_config(src, transfer, dtype)
+        dtype = resolve_dtype(dtype, src.config)
+        cfg = hybrid_config_for(src.config, src.family, transfer.hybrid_attention, dtype)
         _check_complete(src, cfg)
         meta = _meta_model(cfg)
         specs = [(n, tuple(p.shape), dtype) for n, p in meta.state_dict().items()
