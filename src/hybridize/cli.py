@@ -3,6 +3,10 @@
     hybridize convert SOURCE OUTPUT [--pattern 0,1,2] [--period 4] [--attention-layers 3,7] [--gate-init ones]
                                     [--dtype bfloat16] [--dry-run] [--force] [--seed 0]
     hybridize export HYBRID_DIR OUT [--format qwen3_5] [--force]
+    hybridize distill --teacher SOURCE --student HYBRID_DIR --data PATH [PATH ...] --out RUN_DIR [...]
+    torchrun --nproc-per-node N -m hybridize distill ...      (the same run sharded over N GPUs)
+    hybridize eval MODEL --data PATH [--teacher SOURCE] [--seq-len N] [--max-tokens N]
+    hybridize plot RUN_DIR
 
 User mistakes (bad flags, unsupported or broken sources, an existing output) print one line,
 `hybridize: error: <message>`, on stderr and exit with status 2; never a traceback.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import HybridizeError
@@ -225,6 +230,168 @@ def cmd_export(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------- distill
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _count(text: str) -> int:
+    """An integer >= 1 that may use k/M/B suffixes: 20M = 20,000,000."""
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
+    number = text[:-1] if scale > 1 else text
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 20000000 or 20M)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def add_distill_parser(sub) -> None:
+    from .train.config import COMPUTE_DTYPES, TRAINABLE, DistillConfig
+
+    d = DistillConfig()
+    p = sub.add_parser(
+        "distill",
+        help="heal a converted hybrid by knowledge distillation from its teacher (1 GPU, or N under torchrun)",
+        description=(
+            "Train the hybrid STUDENT to match the TEACHER's next-token distribution on your text: "
+            "loss = alpha*KD + (1-alpha)*CE (+ align-weight * per-layer hidden-state alignment), averaged per target "
+            "token. Run it as is on one device, or as `torchrun --nproc-per-node N -m hybridize distill ...` to "
+            "shard student and teacher with FSDP2 over N GPUs: --batch-size is global, so the same flags train the "
+            "same model. Checkpoints go to OUT/checkpoints (--resume continues exactly), metrics to "
+            "OUT/metrics.jsonl, the healed model to OUT/final."
+        ),
+    )
+    p.add_argument("--teacher", required=True, metavar="SOURCE",
+                   help="the model the student was converted from: folder, hub id owner/name or .gguf file")
+    p.add_argument("--student", required=True, metavar="HYBRID_DIR", help="a `hybridize convert` output folder")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH",
+                   help="training text: text files or folders, JSONL with a 'text' field, parquet, Hugging Face "
+                   "datasets folders (save_to_disk), or pre-tokenized .npy token arrays; tokenized once and cached "
+                   "in OUT/data")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run folder (created)")
+    p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out text for --eval-every")
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
+                   help=f"tokens per sequence [default: {d.seq_len}]")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"global batch in sequences per optimizer step, over all GPUs [default: {d.batch_size}]")
+    p.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
+                   help="micro-steps per optimizer step (each GPU then holds batch/(accum*GPUs) sequences at once) "
+                   f"[default: {d.grad_accum}]")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, help="optimizer steps to run [default: one pass over the data]")
+    length.add_argument("--tokens", type=_count, help="training tokens (e.g. 20M); rounded up to whole steps")
+    p.add_argument("--lr", type=_float, default=d.lr, help=f"peak learning rate (AdamW) [default: {d.lr}]")
+    p.add_argument("--min-lr", type=_float, default=d.min_lr, help=f"final learning rate of the cosine decay "
+                   f"[default: {d.min_lr}]")
+    p.add_argument("--warmup", type=_int, default=d.warmup, help=f"linear warmup steps [default: {d.warmup}]")
+    p.add_argument("--weight-decay", type=_float, default=d.weight_decay,
+                   help=f"AdamW weight decay on matrices [default: {d.weight_decay}]")
+    p.add_argument("--clip", type=_float, default=d.clip, help=f"gradient-norm clipping, 0 = off [default: {d.clip}]")
+    p.add_argument("--temperature", type=_float, default=d.temperature,
+                   help=f"KD softmax temperature (KD is scaled by T^2) [default: {d.temperature}]")
+    p.add_argument("--alpha", type=_float, default=d.alpha,
+                   help=f"weight of KD vs cross-entropy on the data: alpha*KD + (1-alpha)*CE [default: {d.alpha}]")
+    p.add_argument("--align-weight", type=_float, default=d.align_weight,
+                   help="weight of the per-layer hidden-state alignment loss (MSE of each layer's output vs the "
+                   f"teacher's; the first stage of RADLADS-style recipes) [default: {d.align_weight}]")
+    p.add_argument("--train", choices=TRAINABLE, default=d.train,
+                   help="what trains: all parameters, the token mixers of every layer, or only the DeltaNet layers "
+                   f"[default: {d.train}]")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=d.dtype,
+                   help="compute dtype; auto = bfloat16 on CUDA, float32 on CPU (master weights, optimizer state and "
+                   f"gradient reduction stay float32) [default: {d.dtype}]")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass (less memory, ~30%% more compute)")
+    p.add_argument("--save-every", type=_int, default=d.save_every,
+                   help=f"checkpoint every N steps (and at the end); 0 = only at the end [default: {d.save_every}]")
+    p.add_argument("--keep", type=_positive_int, default=d.keep, help=f"checkpoints to keep [default: {d.keep}]")
+    p.add_argument("--eval-every", type=_int, default=d.eval_every,
+                   help=f"evaluate on --eval-data every N steps, 0 = never [default: {d.eval_every}]")
+    p.add_argument("--eval-tokens", type=_count, default=d.eval_tokens,
+                   help=f"tokens of --eval-data to evaluate on [default: {d.eval_tokens}]")
+    p.add_argument("--max-bad-steps", type=_positive_int, default=d.max_bad_steps,
+                   help=f"stop after this many steps with a NaN/inf loss or gradient [default: {d.max_bad_steps}]")
+    p.add_argument("--chunk-tokens", type=_positive_int, default=d.chunk_tokens,
+                   help=f"positions per logits chunk of the loss (memory vs speed) [default: {d.chunk_tokens}]")
+    p.add_argument("--seed", type=_int, default=d.seed, help=f"data order and init seed [default: {d.seed}]")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (metrics still go to the files)")
+    p.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args) -> int:
+    from dataclasses import fields
+
+    from .train.config import DistillConfig
+    from .train.run import run_distill
+
+    config = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
+    summary = run_distill(args.teacher, args.student, args.data, args.out, config, eval_data=args.eval_data,
+                          resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- eval
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity on held-out text; with --teacher also KL to the teacher and greedy agreement",
+        description="Evaluate MODEL on the first --max-tokens tokens of --data (in order, packed with EOS "
+        "separators into --seq-len windows) and print JSON: perplexity; with --teacher also the teacher's "
+        "perplexity, the per-token KL(teacher || model) and the share of positions whose argmax equals the teacher's.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a hybridize folder, or any source `convert` reads (folder, hub "
+                   "id, .gguf)")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH", help="text in any format `distill` reads")
+    p.add_argument("--teacher", metavar="SOURCE", help="compare against this model (same vocabulary)")
+    p.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per window [default: 2048]")
+    p.add_argument("--max-tokens", type=_count, default=262_144, help="tokens to evaluate [default: 262144]")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass [default: 4]")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="auto = bfloat16 on CUDA, float32 on CPU [default: auto]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from .train.run import run_eval
+
+    result = run_eval(args.model, args.data, teacher=args.teacher, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                      batch_size=args.batch_size, dtype=args.dtype, progress=not args.no_progress)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- plot
+
+
+def add_plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="draw a distill run's loss curves as a PNG",
+                       description="Read RUN_DIR/metrics.jsonl (and eval.jsonl) and write the curves as a PNG.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `hybridize distill --out` folder")
+    p.add_argument("--out", metavar="PNG", help="where to write the image [default: RUN_DIR/curves.png]")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args) -> int:
+    from .train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -238,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     add_convert_parser(sub)
     add_export_parser(sub)
+    add_distill_parser(sub)
+    add_eval_parser(sub)
+    add_plot_parser(sub)
     return parser
 
 
@@ -251,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # transformers' deprecation notices are not the user's business here
+    hf_logging.disable_progress_bar()  # its per-file load/save bars; ours show the work that takes time
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

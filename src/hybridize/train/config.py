@@ -1,0 +1,91 @@
+"""Distillation settings. `hybridize distill` maps its flags 1:1 onto these fields."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import HybridizeError
+
+TRAINABLE = ("all", "mixers", "linear")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
+
+
+@dataclass
+class DistillConfig:
+    """How a hybrid student is healed from its teacher.
+
+    loss = alpha·KD + (1 − alpha)·CE + align_weight·alignment, each averaged over the target tokens of a whole
+    global batch. batch_size is global (sequences per optimizer step over all ranks and micro-steps), so 1 or N
+    processes train the same model. Run length: `steps`, else `tokens`, else one pass over the data.
+    `train`: "all" parameters, "mixers" (every layer's token mixer: DeltaNet and gated attention) or "linear"
+    (only the DeltaNet layers, the parts conversion made new). `dtype` "auto" computes in bfloat16 on CUDA and in
+    float32 on CPU; master weights and optimizer state are float32 either way.
+    """
+
+    seq_len: int = 2048
+    batch_size: int = 16
+    grad_accum: int = 1
+    steps: int | None = None
+    tokens: int | None = None
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup: int = 50
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    temperature: float = 1.0
+    alpha: float = 1.0
+    align_weight: float = 0.0
+    train: str = "all"
+    dtype: str = "auto"
+    grad_checkpointing: bool = False
+    save_every: int = 500
+    keep: int = 2
+    eval_every: int = 0
+    eval_tokens: int = 262_144
+    max_bad_steps: int = 10
+    chunk_tokens: int = 1024
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.seq_len >= 2, "seq_len must be >= 2"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (self.steps is None or self.steps >= 1, "steps must be >= 1"),
+            (self.tokens is None or self.tokens >= 1, "tokens must be >= 1"),
+            (self.steps is None or self.tokens is None, "give steps or tokens, not both"),
+            (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
+            (self.warmup >= 0 and self.weight_decay >= 0, "warmup and weight_decay must be >= 0"),
+            (self.clip >= 0, "clip must be >= 0 (0 disables clipping)"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (0.0 <= self.alpha <= 1.0, "alpha must lie in [0, 1]"),
+            (self.align_weight >= 0, "align_weight must be >= 0"),
+            (self.train in TRAINABLE, f"train must be one of {', '.join(TRAINABLE)}"),
+            (self.dtype in COMPUTE_DTYPES, f"dtype must be one of {', '.join(COMPUTE_DTYPES)}"),
+            (self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0"),
+            (self.keep >= 1, "keep must be >= 1"),
+            (self.max_bad_steps >= 1 and self.chunk_tokens >= 1, "max_bad_steps and chunk_tokens must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise HybridizeError(message)
+
+    def compute_dtype(self, device_type: str) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device_type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def total_steps(self, windows_per_epoch: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.tokens is not None:
+            return -(-self.tokens // self.tokens_per_step)
+        return max(1, windows_per_epoch // self.batch_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

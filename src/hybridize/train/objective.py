@@ -1,0 +1,75 @@
+"""The distillation objective as one module, so that FSDP2 sees a single root forward.
+
+`DistillationObjective(student, teacher)` runs both models and returns summed losses (see losses.py). Keeping the
+lm_head matmuls inside this forward matters under FSDP2: the root unit's parameters (embeddings, final norms,
+lm_heads) are only gathered while the root module runs, and the chunked loss reads the heads' weights directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .losses import alignment_sum, distillation_sums, next_token_targets
+
+
+def final_hidden(lm: nn.Module, input_ids, attention_mask, position_ids, with_states: bool):
+    """(final normed hidden (B, T, D), per-layer states or None) of a HybridForCausalLM or a transformers LM.
+
+    The states are the outputs of layers 0..L-2 plus the final normed output: the last layer is compared after the
+    final norm because transformers reports it post-norm and ours pre-norm.
+    """
+    out = lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   output_hidden_states=with_states)
+    final, states = out if isinstance(out, tuple) else (out.last_hidden_state, out.hidden_states)
+    if not with_states:
+        return final, None
+    return final, [*states[1:-1], final]
+
+
+class DistillationObjective(nn.Module):
+    """Student and (frozen, optional) teacher; forward returns loss sums over the batch's target tokens.
+
+    temperature: KD softmax temperature; align: compute per-layer hidden-state alignment (needs equal depth and
+    width); chunk_tokens: positions per logits chunk.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, temperature: float = 1.0,
+                 align: bool = False, chunk_tokens: int = 1024):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.temperature = temperature
+        self.align = align
+        self.chunk_tokens = chunk_tokens
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                eval_stats: bool = False) -> dict[str, torch.Tensor]:
+        """Loss sums (see losses.distillation_sums); `eval_stats` adds teacher CE and agreement, at temperature 1."""
+        targets = next_token_targets(labels, attention_mask)
+        # real tokens count positions from 0 whatever the padding side, for both models alike
+        position_ids = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        teacher_final = teacher_states = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_final, teacher_states = final_hidden(
+                    self.teacher, input_ids, attention_mask, position_ids, self.align)
+        student_final, student_states = final_hidden(
+            self.student, input_ids, attention_mask, position_ids, self.align)
+        out = distillation_sums(
+            student_final, self.student.lm_head.weight, targets, teacher_final,
+            None if self.teacher is None else self.teacher.lm_head.weight,
+            1.0 if eval_stats else self.temperature, self.chunk_tokens, eval_stats,
+        )
+        if self.align:
+            out["align_sum"] = alignment_sum(student_states, teacher_states, targets)
+        return out

@@ -1,0 +1,79 @@
+"""Process group, device and FSDP2 sharding, kept out of the models (the torchtitan split).
+
+One code path for 1 and N processes: a single process without torchrun gets a world of one, so mixed precision,
+gradient reduction and checkpoints behave the same everywhere. CPU runs use gloo, CUDA runs NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistEnv:
+    """Join torchrun's process group (or make a world of one) and pick this rank's device.
+
+    device: "cuda" / "cpu" / None (CUDA when available). Idempotent.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("CUDA was asked for but is not available")
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+            if use_cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend)
+        else:
+            if use_cuda:
+                torch.cuda.set_device(0)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+    return DistEnv(dist.get_rank(), dist.get_world_size(), dev, mesh)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _layers(lm: nn.Module) -> list[nn.Module]:
+    return list(lm.model.layers)
+
+
+def parallelize(objective: nn.Module, env: DistEnv, param_dtype: torch.dtype,
+                grad_checkpointing: bool = False) -> nn.Module:
+    """Activation checkpointing per block, then FSDP2: one unit per decoder layer of student and teacher, and
+    the root (embeddings, final norms, lm_heads) as the objective itself. Compute in `param_dtype`, gradients
+    reduced in float32; the student's master weights stay in their stored dtype (float32 for training)."""
+    if grad_checkpointing:
+        objective.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    models = [objective.student] + ([objective.teacher] if objective.teacher is not None else [])
+    for lm in models:
+        layers = _layers(lm)
+        for i, layer in enumerate(layers):
+            # the student's last layer stays gathered after forward: its backward starts right away (torchtitan)
+            keep = lm is objective.student and i == len(layers) - 1
+            fully_shard(layer, mesh=env.mesh, mp_policy=policy, reshard_after_forward=not keep)
+    fully_shard(objective, mesh=env.mesh, mp_policy=policy)
+    return objective

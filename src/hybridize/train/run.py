@@ -1,0 +1,122 @@
+"""What `hybridize distill` and `hybridize eval` do, as library calls (the CLI only parses flags).
+
+    run_distill: check the run folder → load student (float32 master weights) and teacher → tokenize the data once
+                 (rank 0, cached in RUN_DIR/data) → DistillationTrainer.fit → RUN_DIR/final
+    run_eval:    load model (+ teacher) → tokenize → evaluate → metrics dict
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import HybridizeError
+from ..model.modeling import HybridForCausalLM
+from ..output import TOKENIZER_FILES
+from .config import DistillConfig
+from .data import PackedBatches, eval_windows, load_or_build_tokens
+from .evaluate import evaluate
+from .models import load_language_model, load_tokenizer, select_trainable
+from .objective import DistillationObjective
+from .parallelize import init_distributed, shutdown_distributed
+from .trainer import DistillationTrainer, check_run_dir
+
+
+def _stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype a model folder was saved in (the final student is written back in it)."""
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("dtype") or "float32"
+    except (OSError, ValueError):
+        name = "float32"
+    return getattr(torch, str(name).removeprefix("torch."), torch.float32)
+
+
+def _load_student(student_dir: Path) -> HybridForCausalLM:
+    if not (student_dir / "config.json").is_file():
+        raise HybridizeError(f"{student_dir} is not a model folder (no config.json): pass a `hybridize convert` output")
+    try:
+        model = HybridForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise HybridizeError(f"cannot load student {student_dir}: {' '.join(str(e).split())[:300]}") from None
+    return model
+
+
+def _tokens(paths, tokenizer, cache_dir: Path | None, is_main: bool, progress: bool):
+    """Rank 0 tokenizes (or reuses the cache); the others wait, then read the cache."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise HybridizeError("the tokenizer has no EOS token to separate documents with")
+    if is_main:
+        tokens = load_or_build_tokens(paths, tokenizer, eos, cache_dir, progress=progress)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        if not is_main:
+            tokens = load_or_build_tokens(paths, tokenizer, eos, cache_dir, progress=False)
+    return tokens
+
+
+def run_distill(teacher: str, student: str, data: list[str], out: str, config: DistillConfig,
+                eval_data: list[str] | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """The whole `hybridize distill` run; returns a summary (rank 0's view)."""
+    start = time.perf_counter()
+    run_dir, student_dir = Path(out).expanduser().absolute(), Path(student).expanduser().absolute()
+    check_run_dir(run_dir, resume)  # before loading gigabytes
+    for path in [*data, *(eval_data or [])]:
+        if not Path(path).expanduser().exists():
+            raise HybridizeError(f"data path {path} does not exist")
+    if config.eval_every and not eval_data:
+        raise HybridizeError("--eval-every needs --eval-data (held-out text to evaluate on)")
+    torch.manual_seed(config.seed)
+    env = init_distributed()
+    try:
+        model = _load_student(student_dir)
+        save_dtype = _stored_dtype(student_dir)
+        teacher_model = load_language_model(teacher, config.compute_dtype(env.device.type))  # frozen: no master copy
+        trainable = select_trainable(model, config.train)
+        trainer = DistillationTrainer(teacher_model, model, config)
+        tokenizer = load_tokenizer(student_dir, teacher)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        tokens = _tokens(data, tokenizer, run_dir / "data", env.is_main, progress)
+        batches = PackedBatches(tokens, config.seq_len, config.batch_size, config.grad_accum, env.rank,
+                                env.world_size, config.seed)
+        windows = None
+        if eval_data:
+            eval_tokens = _tokens(eval_data, tokenizer, run_dir / "eval_data", env.is_main, progress)
+            windows = eval_windows(eval_tokens, config.seq_len, config.eval_tokens)
+        last = trainer.fit(batches, run_dir, windows, resume=resume, progress=progress)
+        side_files = [student_dir / f for f in TOKENIZER_FILES if (student_dir / f).is_file()]
+        trainer.save_final(run_dir / "final", save_dtype, side_files)
+    finally:
+        shutdown_distributed()
+    return {"run_dir": str(run_dir), "final": str(run_dir / "final"), "world_size": env.world_size,
+            "trainable_parameters": trainable, "steps": last.get("step"), "tokens": last.get("tokens"),
+            "last": last, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_eval(model: str, data: list[str], teacher: str | None = None, seq_len: int = 2048,
+             max_tokens: int | None = 262_144, batch_size: int = 4, dtype: str = "auto",
+             chunk_tokens: int = 1024, progress: bool = True) -> dict:
+    """Perplexity of `model` on `data`; with a teacher also its perplexity, per-token KL and greedy agreement."""
+    for path in data:
+        if not Path(path).expanduser().exists():
+            raise HybridizeError(f"data path {path} does not exist")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compute = DistillConfig(dtype=dtype).compute_dtype(device.type)
+    student = load_language_model(model, compute)
+    teacher_model = load_language_model(teacher, compute) if teacher else None
+    if teacher_model is not None:
+        from .models import check_pair
+
+        check_pair(teacher_model, student, align=False)
+    tokenizer = load_tokenizer(model, *([teacher] if teacher else []))
+    tokens = _tokens(data, tokenizer, None, True, progress)
+    windows = eval_windows(tokens, seq_len, max_tokens)
+    objective = DistillationObjective(student, teacher_model, chunk_tokens=chunk_tokens).to(device)
+    result = evaluate(objective, windows, batch_size, progress=progress)
+    return {"model": str(model), "teacher": teacher, "seq_len": seq_len, "dtype": str(compute).removeprefix("torch."),
+            **result}

@@ -1,0 +1,258 @@
+"""The distillation loop: one pass of `fit` reads top to bottom.
+
+    step:  micro-batches → objective sums → backward of (sum / global target tokens) → clip → AdamW → schedule
+    every save_every steps: a DCP checkpoint (model, optimizer, scheduler, data position, RNG)
+    every step: one JSON line in RUN_DIR/metrics.jsonl; every eval_every steps: one in RUN_DIR/eval.jsonl
+
+Losses are averaged over every target token of the global batch (all micro-batches of all ranks), so the same
+global batch trains the same model on 1 or N processes. A step whose loss or gradient norm is not finite is
+skipped and logged; after `max_bad_steps` such steps the run stops.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import HybridizeError
+from ..output import atomic_output_folder, copy_side_files
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import DistillConfig
+from .evaluate import evaluate
+from .losses import IGNORE_INDEX, next_token_targets
+from .models import check_pair
+from .objective import DistillationObjective
+from .parallelize import DistEnv, init_distributed, parallelize
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
+
+
+def lr_at(step: int, config: DistillConfig, total_steps: int) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at the last step."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    span = max(1, total_steps - config.warmup)
+    progress = min(1.0, (step - config.warmup) / span)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases, A_log, dt_bias)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def _full_value(t: torch.Tensor) -> float:
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def _append_json(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines past `last_step`: a resumed run re-does those steps."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuse to mix two runs in one folder."""
+    checkpoint = latest_checkpoint(run_dir)
+    if resume and checkpoint is None:
+        raise HybridizeError(f"nothing to resume: {run_dir} has no complete checkpoint")
+    if not resume and ((run_dir / METRICS_FILE).exists() or checkpoint is not None):
+        raise HybridizeError(f"{run_dir} already holds a run: pass --resume to continue it, or choose a new --out")
+    return checkpoint if resume else None
+
+
+class DistillationTrainer:
+    """Heals a hybrid `student` toward its `teacher` by knowledge distillation.
+
+    `compute_loss` works on plain modules (tests, notebooks); `fit` shards both models with FSDP2 over however
+    many processes torchrun started (one without torchrun) and runs the resumable loop.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillConfig | None = None):
+        self.config = config or DistillConfig()
+        check_pair(teacher, student, self.config.align_weight > 0)
+        self.student, self.teacher = student, teacher
+        self.objective = DistillationObjective(student, teacher, self.config.temperature,
+                                               align=self.config.align_weight > 0,
+                                               chunk_tokens=self.config.chunk_tokens)
+        self.env: DistEnv | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+
+    # ------------------------------------------------------------------------------------------ the loss
+    def _combine(self, kd, ce, align):
+        cfg = self.config
+        return cfg.alpha * kd + (1 - cfg.alpha) * ce + cfg.align_weight * align
+
+    def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """loss = α·KD + (1−α)·CE (+ w·alignment), each a mean over this batch's target tokens.
+
+        Labels are aligned with the inputs (shifted inside); −100 and padded positions are ignored.
+        """
+        sums = self.objective(input_ids, labels, attention_mask)
+        n = sums["count"].clamp(min=1)
+        kd, ce = sums["kd_sum"] / n, sums["ce_sum"] / n
+        align = sums["align_sum"] / n if "align_sum" in sums else kd.new_zeros(())
+        out = {"loss": self._combine(kd, ce, align), "kd_loss": kd, "task_loss": ce}
+        if "align_sum" in sums:
+            out["align_loss"] = align
+        return out
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, total_steps: int) -> DistEnv:
+        """Process group, FSDP2, optimizer and schedule (once)."""
+        if self.env is not None:
+            return self.env
+        env = init_distributed()
+        parallelize(self.objective, env, self.config.compute_dtype(env.device.type), self.config.grad_checkpointing)
+        cfg = self.config
+        self.optimizer = torch.optim.AdamW(_param_groups(self.student, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(0.9, 0.95), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr)
+        self.env = env
+        return env
+
+    # ------------------------------------------------------------------------------------------ one step
+    def _global_count(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        local = sum(int((next_token_targets(mb) != IGNORE_INDEX).sum()) for mb in micro_batches)
+        count = torch.tensor(float(local), device=self.env.device)
+        dist.all_reduce(count)
+        return count
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> dict:
+        """Forward/backward over this rank's micro-batches and one optimizer step; returns the step's metrics."""
+        env, cfg = self.env, self.config
+        self.objective.train()
+        count = self._global_count(micro_batches)
+        sums = torch.zeros(3, device=env.device)  # kd, ce, align over this rank's tokens
+        for i, mb in enumerate(micro_batches):
+            mb = mb.to(env.device, non_blocking=True)
+            self.objective.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce once per step
+            out = self.objective(mb, mb)
+            align = out.get("align_sum", out["kd_sum"].new_zeros(()))
+            # FSDP averages gradients over ranks; × world_size turns that into a sum over the global batch
+            (self._combine(out["kd_sum"], out["ce_sum"], align) * (env.world_size / count)).backward()
+            sums += torch.stack([out["kd_sum"], out["ce_sum"], align]).detach().float()
+        dist.all_reduce(sums)
+        kd, ce, align = (sums / count).tolist()
+        loss = self._combine(kd, ce, align)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        grad_norm = _full_value(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
+        lr = self.scheduler.get_last_lr()[0]
+        ok = math.isfinite(loss) and math.isfinite(grad_norm)
+        if ok:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        record = {"loss": loss, "kd_loss": kd, "task_loss": ce, "lr": lr, "grad_norm": grad_norm}
+        if self.objective.align:
+            record["align_loss"] = align
+        if not ok:
+            record = {k: (v if math.isfinite(v) else None) for k, v in record.items()}
+            record["skipped"] = "non-finite loss or gradient"
+        return record
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def _state(self, step: int, tokens: int, batches, bad_steps: int) -> dict:
+        return {"step": step, "tokens": tokens, "data": batches.state_dict(), "bad_steps": bad_steps,
+                "scheduler": self.scheduler.state_dict(), "config": self.config.to_dict()}
+
+    def fit(self, batches, run_dir: str | Path, eval_windows: torch.Tensor | None = None, resume: bool = False,
+            progress: bool = True) -> dict:
+        """Train for `config.steps` / `config.tokens` / one epoch of `batches` (a train.data.PackedBatches built
+        for this rank). Returns the last step's metrics."""
+        cfg, run_dir = self.config, Path(run_dir)
+        total = cfg.total_steps(batches.num_windows)
+        env = self.setup(total)
+        checkpoint = check_run_dir(run_dir, resume)  # every rank checks: all fail together
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        step, tokens, bad_steps = 0, 0, 0
+        if checkpoint is not None:
+            state = load_checkpoint(checkpoint, self.student, self.optimizer, env.rank, env.device)
+            batches.load_state_dict(state["data"])
+            step, tokens, bad_steps = state["step"], state["tokens"], state["bad_steps"]
+            self.scheduler.load_state_dict(state["scheduler"])  # the lr itself came back with the optimizer
+            if env.is_main:
+                _truncate_log(run_dir / METRICS_FILE, step)
+                _truncate_log(run_dir / EVAL_FILE, step)
+        record: dict = {}
+        bar = tqdm(total=total, initial=step, unit="step", desc="distill", disable=not (progress and env.is_main))
+        while step < total:
+            start = time.perf_counter()
+            record = self.train_step(batches.next_step())
+            step, tokens = step + 1, tokens + batches.tokens_per_step
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)
+            tok_per_s = batches.tokens_per_step / (time.perf_counter() - start)
+            record = {"step": step, **record, "tokens": tokens, "tok_per_s": round(tok_per_s, 1)}
+            if env.is_main:
+                _append_json(run_dir / METRICS_FILE, record)
+            if "skipped" in record:
+                bad_steps += 1
+                if env.is_main:
+                    tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} so far)", file=sys.stderr)
+                if bad_steps >= cfg.max_bad_steps:
+                    raise HybridizeError(
+                        f"stopped: {bad_steps} steps had a non-finite loss or gradient; lower --lr or check the data "
+                        f"(the last checkpoint in {run_dir / 'checkpoints'} is intact)")
+            else:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", kd=f"{record['kd_loss']:.4f}",
+                                tok_s=f"{tok_per_s:,.0f}", refresh=False)
+            bar.update(1)
+            if eval_windows is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+                result = evaluate(self.objective, eval_windows, batches.micro_batch, env)
+                if env.is_main:
+                    _append_json(run_dir / EVAL_FILE, {"step": step, **result})
+                    tqdm.write(f"step {step}: eval {json.dumps(result)}", file=sys.stderr)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total:
+                save_checkpoint(run_dir, step, self.student, self.optimizer,
+                                self._state(step, tokens, batches, bad_steps), env.rank, env.device, cfg.keep)
+        bar.close()
+        return record
+
+    # ------------------------------------------------------------------------------------------ export
+    def save_final(self, out: str | Path, dtype: torch.dtype, side_files: list[Path] = (), force: bool = True
+                   ) -> None:
+        """Gather the student and write it as an HF folder (rank 0 writes; collective)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True,
+                                                                            cpu_offload=True))
+        if self.env is None or self.env.is_main:
+            config = self.student.config
+            with torch.device("meta"):
+                model = type(self.student)(config)
+            model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=False)
+            model.tie_weights()
+            model.config.dtype = dtype
+            with atomic_output_folder(out, force=force) as tmp:
+                model.save_pretrained(tmp)
+                copy_side_files(side_files, tmp, config)
+        if dist.is_initialized():
+            dist.barrier()

@@ -1,0 +1,324 @@
+"""Distillation: the loss against full-logit float64 references, the trainer, and `hybridize distill/eval/plot`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridize import create_hybrid_from_qwen3
+from hybridize.errors import HybridizeError
+from hybridize.train.config import DistillConfig
+from hybridize.train.evaluate import evaluate
+from hybridize.train.models import load_language_model, select_trainable
+from hybridize.train.objective import DistillationObjective
+from hybridize.train.trainer import DistillationTrainer, lr_at
+from hybridize.transfer.config import HybridAttentionConfig
+
+ALL_ATTENTION = HybridAttentionConfig(deltanet_layer_pattern=[], pattern_period=1)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(teacher: transformers Qwen3ForCausalLM, exact all-attention copy, fresh 3:1 hybrid), float32."""
+    from conftest import build_tiny_source
+
+    folder = build_tiny_source(tmp_path_factory.mktemp("teacher") / "qwen3", family="qwen3")
+    teacher = load_language_model(folder, torch.float32)
+    copy = create_hybrid_from_qwen3(folder, ALL_ATTENTION, dtype=torch.float32)
+    hybrid = create_hybrid_from_qwen3(folder, dtype=torch.float32)
+    with torch.no_grad():  # DeltaNet layers start as no-ops; make them matter for gradients and KD
+        for layer in hybrid.model.layers:
+            if hasattr(layer, "linear_attn"):
+                layer.linear_attn.in_proj_z.weight.normal_(0, 0.2)
+    return teacher, copy, hybrid
+
+
+def _reference(teacher, student, ids, mask, temperature):
+    """KD and CE per target token from full float64 logits (no chunking, no selection)."""
+    with torch.no_grad():
+        t = teacher(ids, attention_mask=mask).logits.double()
+        s = student(ids, attention_mask=mask).logits.double()
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    target_ok = valid[:, 1:] & valid[:, :-1]
+    t, s, y = t[:, :-1][target_ok], s[:, :-1][target_ok], ids[:, 1:][target_ok]
+    kd = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                  reduction="sum") * temperature**2 / y.numel()
+    ce = F.cross_entropy(s, y, reduction="mean")
+    return kd.item(), ce.item()
+
+
+def _ids(batch=3, length=24, seed=0):
+    return torch.randint(4, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_kd_of_exact_copy_is_zero(pair):
+    teacher, copy, _ = pair
+    trainer = DistillationTrainer(teacher, copy, DistillConfig(alpha=0.5, temperature=2.0))
+    ids = _ids()
+    out = trainer.compute_loss(ids, ids)
+    assert abs(out["kd_loss"].item()) < 1e-6
+    assert out["task_loss"].item() == pytest.approx(teacher(ids, labels=ids).loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature,alpha,chunk", [(1.0, 1.0, 1024), (2.0, 0.3, 7), (0.5, 0.0, 1)])
+def test_loss_matches_float64_reference(pair, temperature, alpha, chunk):
+    teacher, _, hybrid = pair
+    cfg = DistillConfig(alpha=alpha, temperature=temperature, chunk_tokens=chunk)
+    ids = _ids()
+    out = DistillationTrainer(teacher, hybrid, cfg).compute_loss(ids, ids)
+    kd, ce = _reference(teacher, hybrid, ids, None, temperature)
+    assert kd > 1e-3  # the fresh hybrid differs from its teacher
+    assert out["kd_loss"].item() == pytest.approx(kd, rel=1e-4)
+    assert out["task_loss"].item() == pytest.approx(ce, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(alpha * kd + (1 - alpha) * ce, rel=1e-4)
+
+
+def test_kd_is_per_token_not_per_batch_and_ignores_padding(pair):
+    teacher, _, hybrid = pair
+    trainer = DistillationTrainer(teacher, hybrid, DistillConfig(temperature=2.0))
+    long, short = _ids(1, 24, seed=1), _ids(1, 10, seed=2)
+    sums = [trainer.objective(x, x) for x in (long, short)]
+    per_token = sum(s["kd_sum"].item() for s in sums) / sum(s["count"].item() for s in sums)
+    for side in ("right", "left"):
+        pad = torch.zeros(1, 14, dtype=torch.long)
+        padded = torch.cat([short, pad], 1) if side == "right" else torch.cat([pad, short], 1)
+        mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 14)], 1) if side == "right" else \
+            torch.cat([torch.zeros(1, 14), torch.ones(1, 10)], 1)
+        batch = torch.cat([long, padded])
+        attention = torch.cat([torch.ones(1, 24), mask]).long()
+        labels = batch.masked_fill(attention == 0, -100)
+        out = trainer.compute_loss(batch, labels, attention)
+        assert out["kd_loss"].item() == pytest.approx(per_token, rel=1e-4), side
+        kd_ref, _ = _reference(teacher, hybrid, batch, attention, 2.0)
+        assert out["kd_loss"].item() == pytest.approx(kd_ref, rel=1e-4), side
+
+
+def test_gradients_reach_the_trainable_student_only(pair):
+    teacher, _, hybrid = pair
+    for which in ("all", "linear"):
+        hybrid.zero_grad(set_to_none=True)
+        select_trainable(hybrid, which)
+        trainer = DistillationTrainer(teacher, hybrid, DistillConfig(alpha=0.5, align_weight=0.1))
+        ids = _ids()
+        trainer.compute_loss(ids, ids)["loss"].backward()
+        for name, p in hybrid.named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None and p.grad.abs().sum() > 0, (which, name)
+            else:
+                assert p.grad is None, (which, name)
+            if which == "linear":
+                assert p.requires_grad == (".linear_attn." in name), name
+        assert all(p.grad is None for p in teacher.parameters())
+    select_trainable(hybrid, "all")
+    hybrid.zero_grad(set_to_none=True)
+
+
+def test_alignment_loss(pair):
+    teacher, copy, hybrid = pair
+    ids = _ids()
+    exact = DistillationTrainer(teacher, copy, DistillConfig(align_weight=1.0)).compute_loss(ids, ids)
+    assert exact["align_loss"].item() < 1e-10
+    moved = DistillationTrainer(teacher, hybrid, DistillConfig(align_weight=1.0)).compute_loss(ids, ids)
+    with torch.no_grad():  # independent: per-layer MSE over all but the last position, last layer after the norm
+        t = teacher(ids, output_hidden_states=True).hidden_states
+        s = hybrid.model(ids, output_hidden_states=True)[1]
+        s = list(s[1:-1]) + [hybrid.model.norm(s[-1])]
+        ref = sum(((a - b)[:, :-1] ** 2).mean() for a, b in zip(s, t[1:], strict=True)) / len(s)
+    assert moved["align_loss"].item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_evaluate_reports_perplexity_kl_and_agreement(pair):
+    teacher, copy, hybrid = pair
+    windows = _ids(4, 16, seed=3)
+    same = evaluate(DistillationObjective(copy, teacher), windows, batch_size=3)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["agreement"] == 1.0
+    assert same["perplexity"] == pytest.approx(same["teacher_perplexity"], rel=1e-5)
+    assert same["tokens"] == 4 * 15
+    fresh = evaluate(DistillationObjective(hybrid, teacher), windows, batch_size=4)
+    kd, ce = _reference(teacher, hybrid, windows, None, 1.0)
+    assert fresh["kl"] == pytest.approx(kd, rel=1e-4)
+    assert fresh["perplexity"] == pytest.approx(torch.tensor(ce).exp().item(), rel=1e-4)
+
+
+def test_learning_rate_schedule():
+    cfg = DistillConfig(lr=1e-3, min_lr=1e-4, warmup=10)
+    assert lr_at(0, cfg, 100) == pytest.approx(1e-4)
+    assert lr_at(9, cfg, 100) == pytest.approx(1e-3)
+    assert lr_at(100, cfg, 100) == pytest.approx(1e-4)
+    assert lr_at(55, cfg, 100) == pytest.approx(5.5e-4)
+
+
+def test_config_refuses_bad_values():
+    for bad in ({"alpha": 1.5}, {"temperature": 0}, {"steps": 5, "tokens": 10}, {"train": "mlp"}, {"lr": 0}):
+        with pytest.raises(HybridizeError):
+            DistillConfig(**bad)
+
+
+def test_vocabulary_mismatch_is_refused(pair, tmp_path):
+    from conftest import build_tiny_source
+
+    teacher, _, hybrid = pair
+    other = load_language_model(build_tiny_source(tmp_path / "big", vocab_size=256), torch.float32)
+    with pytest.raises(HybridizeError, match="vocabularies differ"):
+        DistillationTrainer(other, hybrid)
+
+
+# ------------------------------------------------------------------------------------------------ CLI runs
+
+def _hybridize(*args, cwd=None, timeout=240):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "hybridize", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=env)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A teacher folder, its converted 3:1 student and a small JSONL corpus."""
+    import random
+
+    from conftest import build_tiny_source
+
+    root = tmp_path_factory.mktemp("distill")
+    build_tiny_source(root / "teacher", family="qwen3")
+    assert _hybridize("convert", root / "teacher", root / "student").returncode == 0
+    rng = random.Random(0)
+    with open(root / "train.jsonl", "w") as f:
+        for _ in range(200):
+            words = " ".join(f"w{rng.randint(0, 60)}" for _ in range(rng.randint(5, 80)))
+            f.write(json.dumps({"text": words}) + "\n")
+    return root
+
+
+def _distill_args(ws: Path, out: Path, *extra):
+    return ["distill", "--teacher", ws / "teacher", "--student", ws / "student", "--data", ws / "train.jsonl",
+            "--out", out, "--seq-len", 32, "--batch-size", 4, "--lr", 3e-3, "--warmup", 2, "--no-progress", *extra]
+
+
+def test_cli_distill_lowers_kd_and_writes_everything(workspace, tmp_path):
+    run = tmp_path / "run"
+    result = _hybridize(*_distill_args(workspace, run, "--steps", 24, "--save-every", 10, "--keep", 2,
+                                       "--eval-data", workspace / "train.jsonl", "--eval-every", 12,
+                                       "--eval-tokens", 512))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 24 and summary["tokens"] == 24 * 4 * 32
+    metrics = _metrics(run)
+    assert [m["step"] for m in metrics] == list(range(1, 25))
+    assert set(metrics[0]) >= {"step", "loss", "kd_loss", "task_loss", "lr", "grad_norm", "tokens", "tok_per_s"}
+    first, last = sum(m["kd_loss"] for m in metrics[:4]) / 4, sum(m["kd_loss"] for m in metrics[-4:]) / 4
+    assert last < 0.85 * first, (first, last)
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [12, 24] and evals[1]["kl"] < evals[0]["kl"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000020", "step_00000024"]
+    final = load_language_model(run / "final", torch.float32)
+    assert (run / "final" / "tokenizer.json").is_file()
+    assert final.config.layer_types == json.loads((workspace / "student" / "config.json").read_text())["layer_types"]
+    report = _hybridize("eval", run / "final", "--data", workspace / "train.jsonl", "--teacher", workspace / "teacher",
+                        "--seq-len", 32, "--max-tokens", 512, "--no-progress")
+    assert report.returncode == 0, report.stderr
+    scores = json.loads(report.stdout)
+    assert scores["kl"] == pytest.approx(evals[1]["kl"], rel=1e-3)
+    assert 0 < scores["agreement"] <= 1 and scores["perplexity"] > 1
+    plot = _hybridize("plot", run)
+    assert plot.returncode == 0, plot.stderr
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kill_9_then_resume_reproduces_the_run(workspace, tmp_path):
+    args = ("--steps", 40, "--save-every", 5)
+    whole = tmp_path / "whole"
+    assert _hybridize(*_distill_args(workspace, whole, *args)).returncode == 0
+    cut = tmp_path / "cut"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "hybridize", *map(str, _distill_args(workspace, cut, *args))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (cut / "checkpoints" / "step_00000010").is_dir():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(_metrics(cut))
+    assert done < 40, "the run finished before it could be killed"
+    resumed = _hybridize(*_distill_args(workspace, cut, *args, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    keys = ("step", "loss", "kd_loss", "task_loss", "lr", "grad_norm", "tokens")
+    assert [[m[k] for k in keys] for m in _metrics(cut)] == [[m[k] for k in keys] for m in _metrics(whole)]
+
+
+def test_two_processes_equal_one(workspace, tmp_path):
+    args = ("--steps", 6, "--save-every", 0)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _hybridize(*_distill_args(workspace, one, *args)).returncode == 0
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "hybridize", *map(str, _distill_args(workspace, two, *args))]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for a, b in zip(_metrics(one), _metrics(two), strict=True):
+        for key in ("loss", "kd_loss", "task_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(workspace, tmp_path):
+    from hybridize.model.modeling import HybridForCausalLM
+    from hybridize.train.data import PackedBatches, load_or_build_tokens
+    from hybridize.train.models import load_tokenizer
+    from hybridize.train.parallelize import shutdown_distributed
+
+    student = HybridForCausalLM.from_pretrained(workspace / "student", dtype=torch.float32)
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    teacher = load_language_model(workspace / "teacher", torch.float32)
+    tokenizer = load_tokenizer(workspace / "student")
+    tokens = load_or_build_tokens([workspace / "train.jsonl"], tokenizer, tokenizer.eos_token_id, None, False)
+    trainer = DistillationTrainer(teacher, student, DistillConfig(seq_len=32, batch_size=4, steps=10,
+                                                                  max_bad_steps=3, save_every=0))
+    try:
+        with pytest.raises(HybridizeError, match="3 steps had a non-finite loss"):
+            trainer.fit(PackedBatches(tokens, 32, 4), tmp_path / "nan", progress=False)
+    finally:
+        shutdown_distributed()
+    metrics = _metrics(tmp_path / "nan")
+    assert len(metrics) == 3 and all(m["skipped"] and m["loss"] is None for m in metrics)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "vocab", "resume", "again"])
+def test_cli_user_mistakes_are_one_line(workspace, tmp_path, case):
+    from conftest import build_tiny_source
+
+    out = tmp_path / "run"
+    args = _distill_args(workspace, out, "--steps", 2)
+    if case == "missing":
+        args[args.index("--data") + 1] = tmp_path / "nope.jsonl"
+    elif case == "empty":
+        (tmp_path / "empty.jsonl").write_text("\n")
+        args[args.index("--data") + 1] = tmp_path / "empty.jsonl"
+    elif case == "vocab":
+        args[args.index("--teacher") + 1] = build_tiny_source(tmp_path / "big", vocab_size=256)
+    elif case == "resume":
+        args.append("--resume")
+    elif case == "again":
+        assert _hybridize(*args).returncode == 0
+    result = _hybridize(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hybridize: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    expected = {"missing": "does not exist", "empty": "no text", "vocab": "vocabularies differ",
+                "resume": "nothing to resume", "again": "already holds a run"}[case]
+    assert expected in lines[0]
+    if case != "again":
+        assert not (out / "metrics.jsonl").exists()
