@@ -322,6 +322,9 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--chunk-tokens", type=_positive_int, default=d.chunk_tokens,
                    help=f"positions per logits chunk of the loss (memory vs speed) [default: {d.chunk_tokens}]")
     p.add_argument("--seed", type=_int, default=d.seed, help=f"data order and init seed [default: {d.seed}]")
+    p.add_argument("--stop-at", type=_positive_int, metavar="STEP",
+                   help="end this invocation after STEP with a checkpoint, keeping the full schedule (for time-limited "
+                   "jobs; --resume continues) [default: run to the end]")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (metrics still go to the files)")
     p.set_defaults(func=cmd_distill)

@@ -18,10 +18,11 @@ class DistillConfig:
 
     loss = alpha·KD + (1 − alpha)·CE + align_weight·alignment, each averaged over the target tokens of a whole
     global batch. batch_size is global (sequences per optimizer step over all ranks and micro-steps), so 1 or N
-    processes train the same model. Run length: `steps`, else `tokens`, else one pass over the data.
+    processes train the same model. Run length: `steps`, else `tokens`, else one pass over the data. `stop_at`
+    ends this invocation after that step with a checkpoint, without changing the schedule (--resume continues).
     `train`: "all" parameters, "mixers" (every layer's token mixer: DeltaNet and gated attention) or "linear"
-    (only the DeltaNet layers, the parts conversion made new). `dtype` "auto" computes in bfloat16 on CUDA and in
-    float32 on CPU; master weights and optimizer state are float32 either way.
+    (only the DeltaNet layers, the parts conversion made new). `dtype` "auto" computes in bfloat16 on CUDA and
+    in float32 on CPU; master weights and optimizer state are float32 either way.
     """
 
     seq_len: int = 2048
@@ -47,6 +48,7 @@ class DistillConfig:
     max_bad_steps: int = 10
     chunk_tokens: int = 1024
     seed: int = 0
+    stop_at: int | None = None
 
     def __post_init__(self):
         checks = [
@@ -65,6 +67,7 @@ class DistillConfig:
             (self.dtype in COMPUTE_DTYPES, f"dtype must be one of {', '.join(COMPUTE_DTYPES)}"),
             (self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0"),
             (self.keep >= 1, "keep must be >= 1"),
+            (self.stop_at is None or self.stop_at >= 1, "stop_at must be >= 1"),
             (self.max_bad_steps >= 1 and self.chunk_tokens >= 1, "max_bad_steps and chunk_tokens must be >= 1"),
         ]
         for ok, message in checks:

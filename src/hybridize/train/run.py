@@ -89,11 +89,13 @@ def run_distill(teacher: str, student: str, data: list[str], out: str, config: D
             eval_tokens = _tokens(eval_data, tokenizer, run_dir / "eval_data", env.is_main, progress)
             windows = eval_windows(eval_tokens, config.seq_len, config.eval_tokens)
         last = trainer.fit(batches, run_dir, windows, resume=resume, progress=progress)
-        side_files = [student_dir / f for f in TOKENIZER_FILES if (student_dir / f).is_file()]
-        trainer.save_final(run_dir / "final", save_dtype, side_files)
+        if trainer.finished:
+            side_files = [student_dir / f for f in TOKENIZER_FILES if (student_dir / f).is_file()]
+            trainer.save_final(run_dir / "final", save_dtype, side_files)
     finally:
         shutdown_distributed()
-    return {"run_dir": str(run_dir), "final": str(run_dir / "final"), "world_size": env.world_size,
+    final = str(run_dir / "final") if trainer.finished else "not yet: stopped at --stop-at; continue with --resume"
+    return {"run_dir": str(run_dir), "final": final, "world_size": env.world_size,
             "trainable_parameters": trainable, "steps": last.get("step"), "tokens": last.get("tokens"),
             "last": last, "seconds": round(time.perf_counter() - start, 1)}
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +86,30 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
     return checkpoint if resume else None
 
 
+class StopSignals:
+    """SIGTERM / SIGINT ask the loop to checkpoint and stop after the current step (all ranks agree first)."""
+
+    def __enter__(self):
+        self.flag = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def requested(self, device: torch.device) -> bool:
+        flag = torch.tensor(float(self.flag), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 class DistillationTrainer:
     """Heals a hybrid `student` toward its `teacher` by knowledge distillation.
 
@@ -101,6 +127,7 @@ class DistillationTrainer:
         self.env: DistEnv | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
+        self.finished = False
 
     # ------------------------------------------------------------------------------------------ the loss
     def _combine(self, kd, ce, align):
@@ -185,7 +212,8 @@ class DistillationTrainer:
     def fit(self, batches, run_dir: str | Path, eval_windows: torch.Tensor | None = None, resume: bool = False,
             progress: bool = True) -> dict:
         """Train for `config.steps` / `config.tokens` / one epoch of `batches` (a train.data.PackedBatches built
-        for this rank). Returns the last step's metrics."""
+        for this rank), or until `config.stop_at`. Returns the last step's metrics; `self.finished` tells whether
+        the schedule ran to its end."""
         cfg, run_dir = self.config, Path(run_dir)
         total = cfg.total_steps(batches.num_windows)
         env = self.setup(total)
@@ -203,38 +231,53 @@ class DistillationTrainer:
                 _truncate_log(run_dir / EVAL_FILE, step)
         record: dict = {}
         bar = tqdm(total=total, initial=step, unit="step", desc="distill", disable=not (progress and env.is_main))
-        while step < total:
-            start = time.perf_counter()
-            record = self.train_step(batches.next_step())
-            step, tokens = step + 1, tokens + batches.tokens_per_step
-            if env.device.type == "cuda":
-                torch.cuda.synchronize(env.device)
-            tok_per_s = batches.tokens_per_step / (time.perf_counter() - start)
-            record = {"step": step, **record, "tokens": tokens, "tok_per_s": round(tok_per_s, 1)}
-            if env.is_main:
-                _append_json(run_dir / METRICS_FILE, record)
-            if "skipped" in record:
-                bad_steps += 1
-                if env.is_main:
-                    tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} so far)", file=sys.stderr)
-                if bad_steps >= cfg.max_bad_steps:
-                    raise HybridizeError(
-                        f"stopped: {bad_steps} steps had a non-finite loss or gradient; lower --lr or check the data "
-                        f"(the last checkpoint in {run_dir / 'checkpoints'} is intact)")
-            else:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", kd=f"{record['kd_loss']:.4f}",
-                                tok_s=f"{tok_per_s:,.0f}", refresh=False)
-            bar.update(1)
-            if eval_windows is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-                result = evaluate(self.objective, eval_windows, batches.micro_batch, env)
-                if env.is_main:
-                    _append_json(run_dir / EVAL_FILE, {"step": step, **result})
-                    tqdm.write(f"step {step}: eval {json.dumps(result)}", file=sys.stderr)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total:
-                save_checkpoint(run_dir, step, self.student, self.optimizer,
-                                self._state(step, tokens, batches, bad_steps), env.rank, env.device, cfg.keep)
+        with StopSignals() as stop:
+            end = total if cfg.stop_at is None else min(total, cfg.stop_at)
+            while step < end:
+                start = time.perf_counter()
+                record = self.train_step(batches.next_step())
+                step, tokens = step + 1, tokens + batches.tokens_per_step
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize(env.device)
+                tok_per_s = batches.tokens_per_step / (time.perf_counter() - start)
+                record = {"step": step, **record, "tokens": tokens, "tok_per_s": round(tok_per_s, 1)}
+                bad_steps += self._log_step(run_dir, record, bar, bad_steps)
+                if eval_windows is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+                    self._evaluate(run_dir, step, eval_windows, batches.micro_batch)
+                stopping = stop.requested(env.device)
+                if (cfg.save_every and step % cfg.save_every == 0) or step == end or stopping:
+                    save_checkpoint(run_dir, step, self.student, self.optimizer,
+                                    self._state(step, tokens, batches, bad_steps), env.rank, env.device, cfg.keep)
+                if stopping:
+                    raise HybridizeError(f"interrupted at step {step}; checkpoint saved: continue with --resume")
         bar.close()
+        self.finished = step >= total
         return record
+
+    def _log_step(self, run_dir: Path, record: dict, bar, bad_steps: int) -> int:
+        """Write the metrics line and update the bar; returns 1 for a skipped step (and stops after too many)."""
+        if self.env.is_main:
+            _append_json(run_dir / METRICS_FILE, record)
+        bar.update(1)
+        if "skipped" not in record:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", kd=f"{record['kd_loss']:.4f}",
+                            tok_s=f"{record['tok_per_s']:,.0f}")
+            return 0
+        bad_steps += 1
+        if self.env.is_main:
+            tqdm.write(f"step {record['step']}: non-finite loss or gradient, skipped ({bad_steps} so far)",
+                       file=sys.stderr)
+        if bad_steps >= self.config.max_bad_steps:
+            raise HybridizeError(
+                f"stopped: {bad_steps} steps had a non-finite loss or gradient; lower --lr or check the data "
+                f"(the last checkpoint in {run_dir / 'checkpoints'} is intact)")
+        return 1
+
+    def _evaluate(self, run_dir: Path, step: int, windows: torch.Tensor, batch_size: int) -> None:
+        result = evaluate(self.objective, windows, batch_size, self.env)
+        if self.env.is_main:
+            _append_json(run_dir / EVAL_FILE, {"step": step, **result})
+            tqdm.write(f"step {step}: eval {json.dumps(result)}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------ export
     def save_final(self, out: str | Path, dtype: torch.dtype, side_files: list[Path] = (), force: bool = True
