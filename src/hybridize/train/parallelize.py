@@ -39,9 +39,11 @@ def init_distributed(device: str | None = None) -> DistEnv:
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+            device_id = None
             if use_cuda:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend)
+                device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(device_id)
+            dist.init_process_group(backend, device_id=device_id)
         else:
             if use_cuda:
                 torch.cuda.set_device(0)

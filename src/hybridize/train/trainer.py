@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -195,7 +196,9 @@ class DistillationTrainer:
         if ok:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         record = {"loss": loss, "kd_loss": kd, "task_loss": ce, "lr": lr, "grad_norm": grad_norm}
         if self.objective.align:
             record["align_loss"] = align
