@@ -197,7 +197,7 @@ class DistillationTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             self.scheduler.step()
         record = {"loss": loss, "kd_loss": kd, "task_loss": ce, "lr": lr, "grad_norm": grad_norm}
         if self.objective.align:
