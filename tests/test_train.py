@@ -322,3 +322,41 @@ def test_cli_user_mistakes_are_one_line(workspace, tmp_path, case):
     assert expected in lines[0]
     if case != "again":
         assert not (out / "metrics.jsonl").exists()
+
+
+def test_activation_checkpointing_gives_the_same_run_and_train_selects(workspace, tmp_path):
+    from hybridize.model.modeling import HybridForCausalLM
+
+    args = ("--steps", 4, "--save-every", 0)
+    plain, ckpt, mixers = tmp_path / "plain", tmp_path / "ckpt", tmp_path / "mixers"
+    assert _hybridize(*_distill_args(workspace, plain, *args)).returncode == 0
+    assert _hybridize(*_distill_args(workspace, ckpt, *args, "--grad-checkpointing")).returncode == 0
+    for a, b in zip(_metrics(plain), _metrics(ckpt), strict=True):  # recomputation changes memory, not math
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
+    result = _hybridize(*_distill_args(workspace, mixers, *args, "--train", "mixers"))
+    assert result.returncode == 0, result.stderr
+    student = HybridForCausalLM.from_pretrained(workspace / "student")
+    expected = sum(p.numel() for n, p in student.named_parameters() if ".linear_attn." in n or ".self_attn." in n)
+    assert json.loads(result.stdout)["trainable_parameters"] == expected
+    final = HybridForCausalLM.from_pretrained(mixers / "final")
+    for (name, before), after in zip(student.state_dict().items(), final.state_dict().values(), strict=True):
+        moved = not torch.equal(before, after)
+        assert moved == (".linear_attn." in name or ".self_attn." in name), name
+
+
+@pytest.mark.parametrize("case", ["missing", "vocab", "plot"])
+def test_eval_and_plot_user_mistakes_are_one_line(workspace, tmp_path, case):
+    from conftest import build_tiny_source
+
+    if case == "plot":
+        result = _hybridize("plot", tmp_path)
+        expected = "no metrics.jsonl"
+    else:
+        teacher = workspace / "teacher" if case == "missing" else build_tiny_source(tmp_path / "big", vocab_size=256)
+        data = tmp_path / "nope.jsonl" if case == "missing" else workspace / "train.jsonl"
+        result = _hybridize("eval", workspace / "student", "--data", data, "--teacher", teacher, "--seq-len", 16)
+        expected = "does not exist" if case == "missing" else "vocabularies differ"
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hybridize: error: ") and expected in lines[0], result.stderr

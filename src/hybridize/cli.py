@@ -425,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()  # transformers' deprecation notices are not the user's business here
     hf_logging.disable_progress_bar()  # its per-file load/save bars; ours show the work that takes time
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

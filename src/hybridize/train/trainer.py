@@ -294,7 +294,7 @@ class DistillationTrainer:
             config = self.student.config
             with torch.device("meta"):
                 model = type(self.student)(config)
-            model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=False)
+            model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)  # strict: all or error
             model.tie_weights()
             model.config.dtype = dtype
             with atomic_output_folder(out, force=force) as tmp:
