@@ -52,6 +52,25 @@ def load_language_model(source: str | Path, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+def skeleton_language_model(source: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The same architecture `load_language_model(source)` returns, on the meta device (no weights read): what
+    ranks other than 0 build, to be filled by a broadcast from rank 0 after sharding."""
+    source = str(source)
+    path = Path(source).expanduser()
+    if not is_hub_id(source) and path.is_dir() and _model_type(path) == "hybridize":
+        from ..model.config import HybridConfig
+
+        config, cls = HybridConfig.from_pretrained(path), HybridForCausalLM
+    else:
+        config, _ = read_source_config(source)
+        from transformers import AutoModelForCausalLM
+
+        cls = AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(config, dtype=dtype) if cls is not HybridForCausalLM else cls(config).to(dtype)
+    return model.eval()
+
+
 def load_tokenizer(*sources: str | Path):
     """The tokenizer of the first source that has one (a model folder, or the tokenizer inside a GGUF file)."""
     from transformers import AutoTokenizer

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -79,3 +80,30 @@ def parallelize(objective: nn.Module, env: DistEnv, param_dtype: torch.dtype,
             fully_shard(layer, mesh=env.mesh, mp_policy=policy, reshard_after_forward=not keep)
     fully_shard(objective, mesh=env.mesh, mp_policy=policy)
     return objective
+
+
+def full_states(objective: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Rank 0's full (unsharded) weights of student and teacher, taken before sharding: references, no copies."""
+    models = {"student": objective.student, "teacher": objective.teacher}
+    return {name: lm.state_dict() for name, lm in models.items() if lm is not None}
+
+
+def broadcast_from_rank0(objective: nn.Module, env: DistEnv, states: dict | None) -> None:
+    """Fill every rank's shards from rank 0's weights (`states`), after `parallelize`.
+
+    Only rank 0 reads the checkpoints; the other ranks built meta-device skeletons, so host memory holds one copy
+    of each model, not one per GPU. Buffers (RoPE frequencies) are not sharded: they are copied whole.
+    """
+    if env.world_size == 1:
+        return
+    if not env.is_main:
+        objective.to_empty(device=env.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for name, lm in (("student", objective.student), ("teacher", objective.teacher)):
+        if lm is not None:
+            set_model_state_dict(lm, states[name] if env.is_main else {}, options=options)
+    for buffer in objective.buffers():
+        dist.broadcast(buffer, src=0)
+    for module in objective.modules():  # RoPE keeps a plain-attribute copy of its frequencies for dynamic scaling
+        if hasattr(module, "original_inv_freq") and hasattr(module, "inv_freq"):
+            module.original_inv_freq = module.inv_freq.clone()

@@ -20,7 +20,7 @@ from ..output import TOKENIZER_FILES
 from .config import DistillConfig
 from .data import PackedBatches, eval_windows, load_or_build_tokens
 from .evaluate import evaluate
-from .models import load_language_model, load_tokenizer, select_trainable
+from .models import load_language_model, load_tokenizer, select_trainable, skeleton_language_model
 from .objective import DistillationObjective
 from .parallelize import init_distributed, shutdown_distributed
 from .trainer import DistillationTrainer, check_run_dir
@@ -43,6 +43,14 @@ def _load_student(student_dir: Path) -> HybridForCausalLM:
     except (OSError, ValueError, KeyError) as e:
         raise HybridizeError(f"cannot load student {student_dir}: {' '.join(str(e).split())[:300]}") from None
     return model
+
+
+def _skeleton_student(student_dir: Path) -> HybridForCausalLM:
+    """What `_load_student` builds, on the meta device (ranks > 0 receive the weights from rank 0)."""
+    from ..model.config import HybridConfig
+
+    with torch.device("meta"):
+        return HybridForCausalLM(HybridConfig.from_pretrained(student_dir)).to(torch.float32)
 
 
 def _tokens(paths, tokenizer, cache_dir: Path | None, is_main: bool, progress: bool):
@@ -73,9 +81,14 @@ def run_distill(teacher: str, student: str, data: list[str], out: str, config: D
     torch.manual_seed(config.seed)
     env = init_distributed()
     try:
-        model = _load_student(student_dir)
         save_dtype = _stored_dtype(student_dir)
-        teacher_model = load_language_model(teacher, config.compute_dtype(env.device.type))  # frozen: no master copy
+        teacher_dtype = config.compute_dtype(env.device.type)  # frozen: no float32 master copy needed
+        if env.is_main:  # only rank 0 reads weights; the others get them by broadcast after sharding
+            model = _load_student(student_dir)
+            teacher_model = load_language_model(teacher, teacher_dtype)
+        else:
+            model = _skeleton_student(student_dir)
+            teacher_model = skeleton_language_model(teacher, teacher_dtype)
         trainable = select_trainable(model, config.train)
         trainer = DistillationTrainer(teacher_model, model, config)
         tokenizer = load_tokenizer(student_dir, teacher)

@@ -33,7 +33,7 @@ from .evaluate import evaluate
 from .losses import IGNORE_INDEX, next_token_targets
 from .models import check_pair
 from .objective import DistillationObjective
-from .parallelize import DistEnv, init_distributed, parallelize
+from .parallelize import DistEnv, broadcast_from_rank0, full_states, init_distributed, parallelize
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
@@ -156,7 +156,10 @@ class DistillationTrainer:
         if self.env is not None:
             return self.env
         env = init_distributed()
+        states = full_states(self.objective) if env.is_main and env.world_size > 1 else None
         parallelize(self.objective, env, self.config.compute_dtype(env.device.type), self.config.grad_checkpointing)
+        broadcast_from_rank0(self.objective, env, states)  # other ranks may hold meta-device skeletons
+        del states
         cfg = self.config
         self.optimizer = torch.optim.AdamW(_param_groups(self.student, cfg.weight_decay), lr=cfg.lr,
                                            betas=(0.9, 0.95), eps=1e-8)
