@@ -68,8 +68,12 @@ def parallelize(objective: nn.Module, env: DistEnv, param_dtype: torch.dtype,
     """Activation checkpointing per block, then FSDP2: one unit per decoder layer of student and teacher, and
     the root (embeddings, final norms, lm_heads) as the objective itself. Compute in `param_dtype`, gradients
     reduced in float32; the student's master weights stay in their stored dtype (float32 for training)."""
-    if grad_checkpointing:
-        objective.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if grad_checkpointing:  # transformers' per-layer checkpointing, renamed after 5.17
+        student, kwargs = objective.student, {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     models = [objective.student] + ([objective.teacher] if objective.teacher is not None else [])
     for lm in models:
