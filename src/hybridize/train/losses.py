@@ -43,7 +43,7 @@ def _chunk_losses(student_h, teacher_h, student_w, teacher_w, targets, temperatu
         t_logp = F.log_softmax((teacher_h @ teacher_w.T).float() / temperature, dim=-1)  # (N, V)
     s_logp = F.log_softmax(s_logits / temperature, dim=-1)
     # T²·KL(p_t ‖ p_s): the T² keeps gradient magnitudes comparable across temperatures (Hinton et al.)
-    kd = (t_logp.exp() * (t_logp - s_logp)).sum() * temperature**2
+    kd = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") * temperature**2
     return torch.stack([kd, ce])
 
 
