@@ -29,7 +29,8 @@ from .trainer import DistillationTrainer, check_run_dir
 def _stored_dtype(folder: Path) -> torch.dtype:
     """The dtype a model folder was saved in (the final student is written back in it)."""
     try:
-        name = json.loads((folder / "config.json").read_text()).get("dtype") or "float32"
+        config = json.loads((folder / "config.json").read_text())
+        name = config.get("dtype") or config.get("torch_dtype") or "float32"
     except (OSError, ValueError):
         name = "float32"
     return getattr(torch, str(name).removeprefix("torch."), torch.float32)
