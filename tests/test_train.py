@@ -136,6 +136,14 @@ def test_alignment_loss(pair):
     assert moved["align_loss"].item() == pytest.approx(ref.item(), rel=1e-4)
 
 
+def test_align_only_trains_on_the_alignment_alone(pair):
+    teacher, _, hybrid = pair
+    ids = _ids()
+    out = DistillationTrainer(teacher, hybrid, DistillConfig(align_only=True)).compute_loss(ids, ids)
+    assert out["loss"].item() == out["align_loss"].item() > 0
+    assert out["kd_loss"].item() > 1e-3  # still computed, for the log
+
+
 def test_evaluate_reports_perplexity_kl_and_agreement(pair):
     teacher, copy, hybrid = pair
     windows = _ids(4, 16, seed=3)

@@ -301,7 +301,10 @@ def add_distill_parser(sub) -> None:
                    help=f"weight of KD vs cross-entropy on the data: alpha*KD + (1-alpha)*CE [default: {d.alpha}]")
     p.add_argument("--align-weight", type=_float, default=d.align_weight,
                    help="weight of the per-layer hidden-state alignment loss (MSE of each layer's output vs the "
-                   f"teacher's; the first stage of RADLADS-style recipes) [default: {d.align_weight}]")
+                   f"teacher's) [default: {d.align_weight}]")
+    p.add_argument("--align-only", action="store_true",
+                   help="train on the hidden-state alignment alone (the first stage of RADLADS-style recipes; KD and "
+                   "CE are still logged); then distill from RUN_DIR/final in a second run")
     p.add_argument("--train", choices=TRAINABLE, default=d.train,
                    help="what trains: all parameters, the token mixers of every layer, or only the DeltaNet layers "
                    f"[default: {d.train}]")

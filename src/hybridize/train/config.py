@@ -17,12 +17,13 @@ class DistillConfig:
     """How a hybrid student is healed from its teacher.
 
     loss = alpha·KD + (1 − alpha)·CE + align_weight·alignment, each averaged over the target tokens of a whole
-    global batch. batch_size is global (sequences per optimizer step over all ranks and micro-steps), so 1 or N
-    processes train the same model. Run length: `steps`, else `tokens`, else one pass over the data. `stop_at`
-    ends this invocation after that step with a checkpoint, without changing the schedule (--resume continues).
-    `train`: "all" parameters, "mixers" (every layer's token mixer: DeltaNet and gated attention) or "linear"
-    (only the DeltaNet layers, the parts conversion made new). `dtype` "auto" computes in bfloat16 on CUDA and
-    in float32 on CPU; master weights and optimizer state are float32 either way.
+    global batch; `align_only` trains on the alignment alone (the first stage of RADLADS-style recipes; KD and
+    CE are still computed and logged). batch_size is global (sequences per optimizer step over all ranks and
+    micro-steps), so 1 or N processes train the same model. Run length: `steps`, else `tokens`, else one pass
+    over the data; `stop_at` ends this invocation after that step with a checkpoint, without changing the
+    schedule (--resume continues). `train`: "all" parameters, "mixers" (every layer's token mixer: DeltaNet and
+    gated attention) or "linear" (only the DeltaNet layers, the parts conversion made new). `dtype` "auto"
+    computes in bfloat16 on CUDA and in float32 on CPU; master weights and optimizer state are float32 either way.
     """
 
     seq_len: int = 2048
@@ -38,6 +39,7 @@ class DistillConfig:
     temperature: float = 1.0
     alpha: float = 1.0
     align_weight: float = 0.0
+    align_only: bool = False
     train: str = "all"
     dtype: str = "auto"
     grad_checkpointing: bool = False
@@ -78,6 +80,11 @@ class DistillConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if device_type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+    @property
+    def aligns(self) -> bool:
+        """Whether the per-layer hidden-state alignment is computed."""
+        return self.align_only or self.align_weight > 0
 
     @property
     def tokens_per_step(self) -> int:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import HybridizeError
+from ..errors import HybridizeError, one_line
 from ..model.config import LINEAR
 from ..model.modeling import HybridForCausalLM
-from ..transfer.sources import _one_line, _require_gguf, is_hub_id, read_source_config
+from ..transfer.sources import is_hub_id, read_source_config, require_gguf
 
 
 def _model_type(path: Path) -> str | None:
@@ -35,7 +35,7 @@ def load_language_model(source: str | Path, dtype: torch.dtype) -> nn.Module:
         if not is_hub_id(source) and path.is_dir() and _model_type(path) == "hybridize":
             model = HybridForCausalLM.from_pretrained(path, dtype=dtype)
         elif path.suffix == ".gguf" and path.is_file():
-            _require_gguf()
+            require_gguf()
             read_source_config(source)
             from transformers import AutoModelForCausalLM
 
@@ -48,7 +48,7 @@ def load_language_model(source: str | Path, dtype: torch.dtype) -> nn.Module:
     except HybridizeError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise HybridizeError(f"cannot load model {source}: {_one_line(e)}") from None
+        raise HybridizeError(f"cannot load model {source}: {one_line(e)}") from None
     return model.eval()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..errors import HybridizeError
+from ..errors import HybridizeError, one_line
 from ..model.modeling import HybridForCausalLM
 from ..output import TOKENIZER_FILES
 from .config import DistillConfig
@@ -42,7 +42,7 @@ def _load_student(student_dir: Path) -> HybridForCausalLM:
     try:
         model = HybridForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
-        raise HybridizeError(f"cannot load student {student_dir}: {' '.join(str(e).split())[:300]}") from None
+        raise HybridizeError(f"cannot load student {student_dir}: {one_line(e)}") from None
     return model
 
 

@@ -120,10 +120,10 @@ class DistillationTrainer:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillConfig | None = None):
         self.config = config or DistillConfig()
-        check_pair(teacher, student, self.config.align_weight > 0)
+        check_pair(teacher, student, self.config.aligns)
         self.student, self.teacher = student, teacher
         self.objective = DistillationObjective(student, teacher, self.config.temperature,
-                                               align=self.config.align_weight > 0,
+                                               align=self.config.aligns,
                                                chunk_tokens=self.config.chunk_tokens)
         self.env: DistEnv | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -133,6 +133,8 @@ class DistillationTrainer:
     # ------------------------------------------------------------------------------------------ the loss
     def _combine(self, kd, ce, align):
         cfg = self.config
+        if cfg.align_only:
+            return align
         return cfg.alpha * kd + (1 - cfg.alpha) * ce + cfg.align_weight * align
 
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from ..errors import HybridizeError
+from ..errors import HybridizeError, one_line
 from ..output import TOKENIZER_FILES
 from .safetensors_io import TensorEntry, read_header, read_tensor
 
@@ -96,13 +96,8 @@ def config_from_dict(cfg: dict, where: str) -> tuple[PretrainedConfig, str]:
     try:
         config = AutoConfig.for_model(cfg["model_type"], **kwargs)
     except (ValueError, TypeError, KeyError) as e:
-        raise HybridizeError(f"cannot read {where}: {_one_line(e)}") from None
+        raise HybridizeError(f"cannot read {where}: {one_line(e)}") from None
     return config, family
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _load_json(path: Path, what: str) -> dict:
@@ -184,13 +179,13 @@ def _hub_call(repo: str, fn, *args, **kwargs):
 
 
 def _gguf_config(path: Path) -> tuple[PretrainedConfig, str]:
-    _require_gguf()
+    require_gguf()
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     try:
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     except (ValueError, KeyError, OSError) as e:
-        raise HybridizeError(f"cannot read GGUF file {path}: {_one_line(e)}") from None
+        raise HybridizeError(f"cannot read GGUF file {path}: {one_line(e)}") from None
     return config_from_dict(dict(parsed["config"]), str(path))
 
 
@@ -211,7 +206,7 @@ def _gguf_state_dict(path: Path, config: PretrainedConfig) -> dict[str, torch.Te
     return dict(parsed["tensors"])
 
 
-def _require_gguf() -> None:
+def require_gguf() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -321,7 +316,7 @@ class Source:
             tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
             state = _gguf_state_dict(path, config)
         except (ValueError, KeyError, OSError, RuntimeError) as e:
-            raise HybridizeError(f"cannot load GGUF file {path}: {_one_line(e)}") from None
+            raise HybridizeError(f"cannot load GGUF file {path}: {one_line(e)}") from None
         if config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         tmpdir = tempfile.mkdtemp(prefix="hybridize-gguf-")
@@ -349,7 +344,7 @@ class Source:
         try:
             return read_tensor(entry)  # plain reads, no mmap: memory holds only what the caller keeps
         except (OSError, ValueError) as e:
-            raise HybridizeError(f"cannot read {name} from {entry.path}: {_one_line(e)}") from None
+            raise HybridizeError(f"cannot read {name} from {entry.path}: {one_line(e)}") from None
 
     def close(self) -> None:
         self._state = None if self._tmpdir else self._state
