@@ -136,6 +136,21 @@ def test_alignment_loss(pair):
     assert moved["align_loss"].item() == pytest.approx(ref.item(), rel=1e-4)
 
 
+def test_the_specified_api_takes_a_cross_arch_transfer_config(pair):
+    from hybridize import CrossArchTransferConfig
+    from hybridize import DistillationTrainer as Exported
+
+    teacher, _, hybrid = pair
+    ids = _ids()
+    spec = Exported(teacher, hybrid, CrossArchTransferConfig()).compute_loss(ids, ids)  # T 2.0, alpha 0.5
+    kd, ce = _reference(teacher, hybrid, ids, None, 2.0)
+    assert spec["loss"].item() == pytest.approx(0.5 * kd + 0.5 * ce, rel=1e-4)
+    off = Exported(teacher, hybrid, CrossArchTransferConfig(use_distillation=False)).compute_loss(ids, ids)
+    assert off["loss"].item() == pytest.approx(ce, rel=1e-5)
+    with pytest.raises(TypeError):
+        Exported(teacher, hybrid, {"alpha": 0.5})
+
+
 def test_align_only_trains_on_the_alignment_alone(pair):
     teacher, _, hybrid = pair
     ids = _ids()

@@ -16,11 +16,15 @@ AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
 AutoModel.register(HybridConfig, HybridModel, exist_ok=True)
 AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
 
+from .train.config import DistillConfig  # noqa: E402
+from .train.trainer import DistillationTrainer  # noqa: E402
 from .transfer.convert import create_full_hybrid_model, create_hybrid_from_qwen3  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "CrossArchTransferConfig",
+    "DistillConfig",
+    "DistillationTrainer",
     "HybridAttentionConfig",
     "HybridCache",
     "HybridConfig",

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import HybridizeError
+from ..transfer.config import CrossArchTransferConfig
 
 TRAINABLE = ("all", "mixers", "linear")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
@@ -99,3 +100,16 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def as_distill_config(config: DistillConfig | CrossArchTransferConfig | None) -> DistillConfig:
+    """The trainer's settings from a DistillConfig, or from a CrossArchTransferConfig's distillation fields
+    (temperature, alpha; `use_distillation=False` trains on cross-entropy alone), or the defaults."""
+    if config is None:
+        return DistillConfig()
+    if isinstance(config, DistillConfig):
+        return config
+    if isinstance(config, CrossArchTransferConfig):
+        alpha = config.distillation_alpha if config.use_distillation else 0.0
+        return DistillConfig(temperature=config.distillation_temperature, alpha=alpha, seed=config.seed)
+    raise TypeError(f"expected a DistillConfig or CrossArchTransferConfig, got {type(config).__name__}")

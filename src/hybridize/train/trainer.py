@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from ..errors import HybridizeError
 from ..output import atomic_output_folder, copy_side_files
+from ..transfer.config import CrossArchTransferConfig
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import DistillConfig
+from .config import DistillConfig, as_distill_config
 from .evaluate import evaluate
 from .losses import IGNORE_INDEX, next_token_targets
 from .models import check_pair
@@ -114,12 +115,16 @@ class StopSignals:
 class DistillationTrainer:
     """Heals a hybrid `student` toward its `teacher` by knowledge distillation.
 
+    `config` is a DistillConfig, or a CrossArchTransferConfig whose distillation_temperature / distillation_alpha
+    (default 2.0 / 0.5) set the loss.
+
     `compute_loss` works on plain modules (tests, notebooks); `fit` shards both models with FSDP2 over however
     many processes torchrun started (one without torchrun) and runs the resumable loop.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillConfig | None = None):
-        self.config = config or DistillConfig()
+    def __init__(self, teacher: nn.Module, student: nn.Module,
+                 config: DistillConfig | CrossArchTransferConfig | None = None):
+        self.config = as_distill_config(config)
         check_pair(teacher, student, self.config.aligns)
         self.student, self.teacher = student, teacher
         self.objective = DistillationObjective(student, teacher, self.config.temperature,
