@@ -33,28 +33,25 @@ def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None
     return targets
 
 
-def _chunk_losses(student_h, teacher_h, student_w, teacher_w, targets, temperature: float) -> torch.Tensor:
-    """[KD sum, CE sum] over one chunk of N positions. h: (N, D); w: (V, D); targets: (N,)."""
+def _chunk_losses(student_h, teacher_h, student_w, teacher_w, targets, temperature: float,
+                  eval_stats: bool = False) -> torch.Tensor:
+    """[KD sum, CE sum] over one chunk of N positions (+ [teacher CE sum, argmax agreements] with `eval_stats`).
+    h: (N, D); w: (V, D); targets: (N,). Each head's logits are computed once per call."""
     s_logits = (student_h @ student_w.T).float()  # (N, V)
     ce = F.cross_entropy(s_logits, targets, reduction="sum")
     if teacher_h is None:
         return torch.stack([ce.new_zeros(()), ce])
     with torch.no_grad():
-        t_logp = F.log_softmax((teacher_h @ teacher_w.T).float() / temperature, dim=-1)  # (N, V)
+        t_logits = (teacher_h @ teacher_w.T).float()  # (N, V)
+        t_logp = F.log_softmax(t_logits / temperature, dim=-1)
     s_logp = F.log_softmax(s_logits / temperature, dim=-1)
     # T²·KL(p_t ‖ p_s): the T² keeps gradient magnitudes comparable across temperatures (Hinton et al.)
     kd = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") * temperature**2
-    return torch.stack([kd, ce])
-
-
-@torch.no_grad()
-def _chunk_eval_stats(student_h, teacher_h, student_w, teacher_w, targets) -> torch.Tensor:
-    """[teacher CE sum, greedy agreements] over one chunk (temperature 1)."""
-    t_logits = (teacher_h @ teacher_w.T).float()
-    s_logits = (student_h @ student_w.T).float()
+    if not eval_stats:
+        return torch.stack([kd, ce])
     teacher_ce = F.cross_entropy(t_logits, targets, reduction="sum")
-    agree = (t_logits.argmax(-1) == s_logits.argmax(-1)).sum().to(teacher_ce.dtype)
-    return torch.stack([teacher_ce, agree])
+    agree = (t_logits.argmax(-1) == s_logits.argmax(-1)).sum().to(ce.dtype)
+    return torch.stack([kd, ce, teacher_ce, agree])
 
 
 def _select(hidden: torch.Tensor | None, where: torch.Tensor) -> torch.Tensor | None:
@@ -80,12 +77,13 @@ def distillation_sums(student_hidden: torch.Tensor, student_head: torch.Tensor, 
         part = slice(i, i + chunk_tokens)
         ht_i = None if ht is None else ht[part]
         args = (hs[part], ht_i, student_head, teacher_head, y[part], temperature)
-        sums = checkpoint(_chunk_losses, *args, use_reentrant=False) if torch.is_grad_enabled() \
-            else _chunk_losses(*args)
+        if torch.is_grad_enabled():  # training: recompute the chunk's logits in backward instead of keeping them
+            sums = checkpoint(_chunk_losses, *args, use_reentrant=False)
+        else:
+            sums = _chunk_losses(*args, eval_stats=eval_stats)
         kd, ce = kd + sums[0], ce + sums[1]
-        if eval_stats and ht is not None:
-            stats = _chunk_eval_stats(hs[part], ht_i, student_head, teacher_head, y[part])
-            teacher_ce, agree = teacher_ce + stats[0], agree + stats[1]
+        if len(sums) == 4:
+            teacher_ce, agree = teacher_ce + sums[2], agree + sums[3]
     out = {"kd_sum": kd, "ce_sum": ce, "count": where.sum()}
     if eval_stats:
         out.update(teacher_ce_sum=teacher_ce, agree=agree)

@@ -22,7 +22,7 @@ from ..output import TOKENIZER_FILES
 from .config import DistillConfig
 from .data import PackedBatches, eval_windows, load_or_build_tokens
 from .evaluate import evaluate
-from .models import load_language_model, load_tokenizer, select_trainable, skeleton_language_model
+from .models import check_pair, load_language_model, load_tokenizer, select_trainable, skeleton_language_model
 from .objective import DistillationObjective
 from .parallelize import init_distributed, shutdown_distributed
 from .trainer import DistillationTrainer, check_run_dir
@@ -131,8 +131,6 @@ def run_eval(model: str, data: list[str], teacher: str | None = None, seq_len: i
     student = load_language_model(model, compute)
     teacher_model = load_language_model(teacher, compute) if teacher else None
     if teacher_model is not None:
-        from .models import check_pair
-
         check_pair(teacher_model, student, align=False)
     tokenizer = load_tokenizer(model, *([teacher] if teacher else []))
     tokens = _tokens(data, tokenizer, None, True, progress)
