@@ -383,3 +383,18 @@ def test_eval_and_plot_user_mistakes_are_one_line(workspace, tmp_path, case):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hybridize: error: ") and expected in lines[0], result.stderr
+
+
+def test_grad_checkpointing_flag_engages_per_block_recomputation(workspace):
+    from hybridize.model.modeling import HybridForCausalLM
+    from hybridize.train.parallelize import init_distributed, parallelize, shutdown_distributed
+
+    student = HybridForCausalLM.from_pretrained(workspace / "student", dtype=torch.float32)
+    teacher = load_language_model(workspace / "teacher", torch.float32)
+    objective = DistillationObjective(student, teacher)
+    try:
+        parallelize(objective, init_distributed("cpu"), torch.float32, grad_checkpointing=True)
+    finally:
+        shutdown_distributed()
+    assert all(layer.gradient_checkpointing for layer in student.model.layers)
+    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in teacher.model.layers)
