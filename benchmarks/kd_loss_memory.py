@@ -46,8 +46,9 @@ def run_variant(variant: str, tokens: int, hidden: int, vocab: int, chunk: int) 
     base = _rss_gb()
     start = time.perf_counter()
     if variant == "chunked":
-        out = distillation_sums(hs, ws, targets, ht, wt, temperature=2.0, chunk_tokens=chunk)
-        loss = (out["kd_sum"] + out["ce_sum"]) / out["count"]
+        out = distillation_sums(hs, ws, targets, ht, wt, temperature=2.0, chunk_tokens=chunk, kd_weight=1.0,
+                                ce_weight=1.0)
+        loss = out["loss_sum"] / out["count"]
     else:
         s = (hs[0, :-1] @ ws.T).float()
         with torch.no_grad():

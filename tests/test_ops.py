@@ -328,3 +328,19 @@ def test_conv_gradients_match_naive():
     gb = torch.autograd.grad((naive_causal_conv1d(x, w, st, bias=b)[0] * gw).sum(), [x, w, st, b])
     for a, c in zip(ga, gb, strict=True):
         assert maxdiff(a, c) < 1e-12
+
+
+def test_cuda_without_fla_says_why_once(monkeypatch, capsys):
+    """On a CUDA device without importable fla, one stderr line names the reason and the slower path."""
+    from hybridize.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_fla", lambda: "ImportError: libz3.so: cannot open shared object file")
+    monkeypatch.delenv("HYBRIDIZE_DISABLE_FLA", raising=False)
+    dispatch._say_once_why_not.cache_clear()
+    dispatch.note_if_slow_path(torch.device("cuda"))
+    dispatch.note_if_slow_path(torch.device("cuda"))
+    dispatch.note_if_slow_path(torch.device("cpu"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "libz3" in err[0] and "PyTorch reference path" in err[0]
+    assert dispatch.fla_status().startswith("unavailable (ImportError: libz3")
+    dispatch._say_once_why_not.cache_clear()

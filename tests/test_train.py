@@ -398,3 +398,40 @@ def test_grad_checkpointing_flag_engages_per_block_recomputation(workspace):
         shutdown_distributed()
     assert all(layer.gradient_checkpointing for layer in student.model.layers)
     assert not any(getattr(layer, "gradient_checkpointing", False) for layer in teacher.model.layers)
+
+
+@pytest.mark.parametrize("temperature,kd_weight,ce_weight,chunk,teacher", [
+    (1.0, 1.0, 0.0, 1024, True), (2.0, 0.3, 0.7, 7, True), (0.5, 0.0, 1.0, 1, True), (1.0, 0.0, 1.0, 5, False)])
+def test_fused_head_gradients_equal_autograd_on_full_logits(temperature, kd_weight, ce_weight, chunk, teacher):
+    """The fused head's closed-form gradients (hidden states and head weight) equal autograd through float64
+    full logits, with -100 targets skipped."""
+    from hybridize.train.losses import distillation_sums
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, D, V = 2, 9, 16, 40
+    hs = torch.randn(B, T, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(V, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(B, T, D, generator=gen, dtype=torch.float64) if teacher else None
+    wt = torch.randn(V, D, generator=gen, dtype=torch.float64) if teacher else None
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    targets[0, 3] = targets[1, -1] = -100
+    out = distillation_sums(hs, ws, targets, ht, wt, temperature, chunk, kd_weight=kd_weight, ce_weight=ce_weight)
+    out["loss_sum"].backward()
+    fused = hs.grad.clone(), ws.grad.clone()
+    hs.grad = ws.grad = None
+
+    keep = targets.reshape(-1) != -100
+    s = (hs.reshape(-1, D) @ ws.T)[keep]
+    y = targets.reshape(-1)[keep]
+    ce = F.cross_entropy(s, y, reduction="sum")
+    kd = torch.zeros((), dtype=torch.float64)
+    if teacher:
+        t = (ht.reshape(-1, D) @ wt.T)[keep]
+        kd = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                      reduction="sum") * temperature**2
+    (kd_weight * kd + ce_weight * ce).backward()
+    assert out["kd_sum"].item() == pytest.approx(kd.item(), rel=1e-10, abs=1e-12)
+    assert out["ce_sum"].item() == pytest.approx(ce.item(), rel=1e-10)
+    for got, ref in zip(fused, (hs.grad, ws.grad), strict=True):
+        assert ref.abs().max() > 1e-3
+        assert (got - ref).abs().max().item() < 1e-10

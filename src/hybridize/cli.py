@@ -7,6 +7,7 @@
     torchrun --nproc-per-node N -m hybridize distill ...      (the same run sharded over N GPUs)
     hybridize eval MODEL --data PATH [--teacher SOURCE] [--seq-len N] [--max-tokens N]
     hybridize plot RUN_DIR
+    hybridize bench --train [--shape qwen3-8b|smollm2|tiny] [--seq-len N] [--gpus N] [--json FILE]
 
 User mistakes (bad flags, unsupported or broken sources, an existing output) print one line,
 `hybridize: error: <message>`, on stderr and exit with status 2; never a traceback.
@@ -398,6 +399,84 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------- bench
+
+
+def add_bench_parser(sub) -> None:
+    from .bench.shapes import SHAPES
+    from .bench.train import TrainBenchConfig
+
+    d = TrainBenchConfig()
+    p = sub.add_parser(
+        "bench",
+        help="measure training throughput (tokens/s, MFU, peak memory) against the source model",
+        description="With --train: time the distillation step `hybridize distill` runs (student forward+backward, "
+        "bf16 teacher forward, fused KD head, AdamW; FSDP2 over --gpus) for the default 3:1 hybrid of --shape and, "
+        "side by side in the same process, for transformers' model of the source trained the same way. Random "
+        "weights and tokens with the real shapes. Prints a table; --json writes every number.",
+    )
+    p.add_argument("--train", action="store_true", help="the training-step benchmark (required for now)")
+    p.add_argument("--shape", choices=SHAPES, default=d.shape,
+                   help=f"model shapes: Qwen3-8B, SmolLM2-135M or a tiny CPU-sized Qwen3 [default: {d.shape}]")
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
+                   help=f"tokens per sequence [default: {d.seq_len}]")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"global sequences per step [default: {d.batch_size}]")
+    p.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
+                   help=f"micro-steps per step [default: {d.grad_accum}]")
+    p.add_argument("--steps", type=_positive_int, default=d.steps, help=f"timed steps (median) [default: {d.steps}]")
+    p.add_argument("--warmup", type=_int, default=d.warmup,
+                   help=f"untimed steps first (kernel compilation, autotuning) [default: {d.warmup}]")
+    p.add_argument("--checkpointing", choices=("on", "off", "both"), default=d.checkpointing,
+                   help=f"activation checkpointing per block [default: {d.checkpointing}]")
+    p.add_argument("--against", choices=("source", "none"), default=d.against,
+                   help=f"also time transformers' source model as the student [default: {d.against}]")
+    p.add_argument("--no-teacher", dest="teacher", action="store_false",
+                   help="plain fine-tuning on cross-entropy (no teacher forward, no KD)")
+    p.add_argument("--master-dtype", choices=("float32", "bfloat16"), default=d.master_dtype,
+                   help="dtype of the trained weights and AdamW state (compute is bf16 on CUDA either way) "
+                   f"[default: {d.master_dtype}]")
+    p.add_argument("--peak-tflops", type=_float, default=d.peak_tflops,
+                   help=f"the MFU denominator per GPU [default: {d.peak_tflops}, H200 dense bf16]")
+    p.add_argument("--profile", action="store_true", help="profile one more step: top kernels and GPU time by kind")
+    p.add_argument("--gpus", type=_positive_int, default=1,
+                   help="GPUs of this host (re-launches itself under torchrun when > 1) [default: 1]")
+    p.add_argument("--seed", type=_int, default=d.seed, help=f"weights and tokens seed [default: {d.seed}]")
+    p.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from dataclasses import fields
+
+    from .bench.train import TrainBenchConfig, format_table, run_train_bench
+    from .train.parallelize import shutdown_distributed
+
+    if not args.train:
+        raise HybridizeError("only the training benchmark exists so far: pass --train")
+    if args.gpus > 1 and "RANK" not in os.environ:
+        import subprocess
+
+        argv = sys.argv[1:]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
+               "-m", "hybridize", *argv]
+        return subprocess.call(cmd)
+    config = TrainBenchConfig(**{f.name: getattr(args, f.name) for f in fields(TrainBenchConfig)})
+    try:
+        report = run_train_bench(config)
+    except ValueError as e:
+        raise HybridizeError(str(e)) from None
+    finally:
+        shutdown_distributed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_table(report))
+        if args.json:
+            from pathlib import Path
+
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -414,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_parser(sub)
     add_eval_parser(sub)
     add_plot_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -13,8 +13,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-from ..ops.conv import causal_conv1d
-from ..ops.dispatch import gated_delta_rule
+from ..ops.dispatch import gated_delta_net, gated_rms_norm, rms_norm, short_conv, silu_mul
 from .config import HybridConfig
 
 
@@ -27,9 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
@@ -41,11 +38,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(dtype)
-        return (out * F.silu(gate.float())).to(dtype)
+        return gated_rms_norm(x, gate, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -96,8 +89,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.swiglu = config.hidden_act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -150,12 +146,6 @@ class GatedAttention(nn.Module):
         return self.o_proj(y)
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(|x|² + eps) in float32, as fla and transformers' qwen3_5 normalise q and k."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet (arXiv 2412.06464) in the qwen3_5_text layout.
 
@@ -191,18 +181,17 @@ class GatedDeltaNet(nn.Module):
         if pad_mask is not None:  # zero padded tokens so they leave the conv and recurrent states untouched
             x = x * pad_mask[:, :, None].to(x.dtype)
         conv_state, recurrent_state = cache.linear_state(self.layer_idx) if cache is not None else (None, None)
-        mixed, conv_state = causal_conv1d(
+        mixed, conv_state = short_conv(
             self.in_proj_qkv(x), self.conv1d.weight.squeeze(1), conv_state, output_final_state=cache is not None
         )  # (B, T, conv_dim), SiLU applied
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2norm(q.view(B, T, self.num_k_heads, self.head_k_dim))
-        k = l2norm(k.view(B, T, self.num_k_heads, self.head_k_dim))
-        v = v.view(B, T, self.num_v_heads, self.head_v_dim)
-        beta = self.in_proj_b(x).sigmoid()  # (B, T, Hv)
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())  # (B, T, Hv)
-        o, recurrent_state = gated_delta_rule(
-            q, k, v, g, beta, initial_state=recurrent_state, output_final_state=cache is not None
-        )  # (B, T, Hv, dv)
+        o, recurrent_state = gated_delta_net(
+            q.view(B, T, self.num_k_heads, self.head_k_dim),
+            k.view(B, T, self.num_k_heads, self.head_k_dim),
+            v.view(B, T, self.num_v_heads, self.head_v_dim),
+            a=self.in_proj_a(x), b=self.in_proj_b(x), A_log=self.A_log, dt_bias=self.dt_bias,
+            initial_state=recurrent_state, output_final_state=cache is not None,
+        )  # (B, T, Hv, dv); q/k L2-normalised, decay and β computed inside
         if cache is not None:
             cache.update_linear_state(self.layer_idx, conv_state, recurrent_state)
         z = self.in_proj_z(x).view(B, T, self.num_v_heads, self.head_v_dim)

@@ -1,50 +1,114 @@
-"""One entry point for the gated delta rule: fla's Triton kernels on CUDA when available, else our PyTorch ops.
+"""One entry point per op: fla's fused Triton kernels on CUDA when available, else our PyTorch ops.
 
-fla (flash-linear-attention >= 0.6) is imported lazily and only on first CUDA use. ``HYBRIDIZE_DISABLE_FLA=1``
-forces the PyTorch path.
+The Gated DeltaNet layer calls three functions, each with the same meaning on both paths:
 
-GVA: fla >= 0.6 handles Hv > Hk itself in both kernels (value head j reads q/k head j // (Hv // Hk), as ours do).
-Arguments go to fla by keyword: its `fused_recurrent_gated_delta_rule(q, k, v, g, gk, gv, beta, ...)` puts `gk`
-where the chunk kernel has `beta`.
+- `short_conv`: depthwise causal conv + SiLU (fla `causal_conv1d`, Triton backend),
+- `gated_delta_net`: L2-normalise q/k, g = −exp(A_log)·softplus(a + dt_bias), β = σ(b), then the gated delta
+  rule — on CUDA all of it inside fla's kernels (`use_qk_l2norm_in_kernel`, `use_gate_in_kernel`,
+  `use_beta_sigmoid_in_kernel`), so no float32 copies of q, k, g or β are written,
+- `gated_rms_norm`: rmsnorm(o)·w·silu(z) in one pass (fla `rms_norm_gated`),
+
+and `rms_norm` (x̂·(1 + w), the qwen3_5_text convention) serves every other norm; `silu_mul` is the SwiGLU MLP's
+activation. The fused and reference paths are
+compared, values and gradients, in tests/test_gpu_parity.py.
+
+fla (flash-linear-attention >= 0.6) is imported lazily on first CUDA use. When it is missing or fails to import
+(e.g. tilelang without its libz3), one line on stderr says why and that the slower PyTorch path runs.
+``HYBRIDIZE_DISABLE_FLA=1`` forces the PyTorch path.
+
+fla's conventions we rely on: arguments by keyword (its `fused_recurrent_gated_delta_rule(q, k, v, g, gk, gv,
+beta, ...)` puts `gk` where the chunk kernel has `beta`); GVA (Hv > Hk) handled natively; its conv state holds the
+last W inputs, of which a W-tap conv reads only W − 1, so ours ([B, D, W − 1]) is its state without the oldest
+column.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
+from .conv import causal_conv1d
 from .delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
-__all__ = ["fla_available", "gated_delta_rule"]
+__all__ = ["fla_available", "fla_status", "gated_delta_net", "gated_delta_rule", "gated_rms_norm", "note_if_slow_path",
+           "rms_norm", "short_conv", "silu_mul"]
 
 
 @functools.lru_cache(maxsize=1)
-def _fla_ops():
-    """(chunk, fused_recurrent) from fla, or None if fla cannot be imported."""
+def _fla() -> SimpleNamespace | str:
+    """fla's kernels, or the reason (one line) why they cannot be imported."""
     try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
-        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
-    except Exception:  # ImportError, or triton/driver errors raised at import time
-        return None
-    return fla_chunk, fla_recurrent
+        from fla.modules.activations import swiglu
+        from fla.modules.causal_conv1d import causal_conv1d as conv
+        from fla.modules.norm.fused_norm_gate import rms_norm_gated
+        from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as chunk
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as recurrent
+    except Exception as e:  # ImportError, or triton/driver/tilelang errors raised at import time
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return SimpleNamespace(chunk=chunk, recurrent=recurrent, conv=conv, rms_norm_gated=rms_norm_gated,
+                           rms_norm=fla_rms_norm, swiglu=swiglu)
 
 
 def fla_available() -> bool:
-    """True when fla's gated delta rule kernels are importable (does not check for a GPU or the env var)."""
-    return _fla_ops() is not None
+    """True when fla's kernels are importable (does not check for a GPU or the env var)."""
+    return not isinstance(_fla(), str)
+
+
+def fla_status() -> str:
+    """'fla' when the fused kernels run on CUDA, else why not (for logs and `hybridize bench`)."""
+    if _disabled():
+        return "disabled by HYBRIDIZE_DISABLE_FLA"
+    return "fla" if fla_available() else f"unavailable ({_fla()})"
+
+
+def _disabled() -> bool:
+    return os.environ.get("HYBRIDIZE_DISABLE_FLA", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+@functools.lru_cache(maxsize=1)
+def _say_once_why_not() -> None:
+    print(f"hybridize: note: flash-linear-attention cannot be used on CUDA ({_fla()}); DeltaNet layers run the "
+          "PyTorch reference path, several times slower. Install it with: pip install 'hybridize[gpu]'",
+          file=sys.stderr)
+
+
+def note_if_slow_path(device: torch.device) -> None:
+    """Say (once, on stderr) why fla's kernels will not run on a CUDA device, before any work starts."""
+    if device.type == "cuda" and not _disabled() and not fla_available():
+        _say_once_why_not()
 
 
 def _use_fla(x: torch.Tensor) -> bool:
-    if os.environ.get("HYBRIDIZE_DISABLE_FLA", "0").strip().lower() not in ("", "0", "false", "no"):
+    if not x.is_cuda or _disabled():
         return False
-    return x.is_cuda and fla_available()
+    if not fla_available():
+        _say_once_why_not()
+        return False
+    return True
 
 
+# ------------------------------------------------------------------------------------------------ delta rule
 def _torch_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state):
     fn = recurrent_gated_delta_rule if q.shape[1] <= 2 else chunk_gated_delta_rule
     return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+
+
+def _fla_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, **fused):
+    fla = _fla()
+    T, K = k.shape[1], k.shape[3]
+    scale = K**-0.5 if scale is None else scale
+    h0 = None if initial_state is None else initial_state.float().contiguous()  # fla keeps the state in float32
+    recurrent = T == 1 and not (torch.is_grad_enabled() and v.requires_grad)  # fla's recurrent has no backward
+    o, ht = (fla.recurrent if recurrent else fla.chunk)(
+        q=q.to(v.dtype), k=k.to(v.dtype), v=v, g=g, beta=beta, scale=scale, initial_state=h0,
+        output_final_state=output_final_state, **fused)
+    return o.to(v.dtype), (None if ht is None else ht.float())
 
 
 def gated_delta_rule(
@@ -57,7 +121,7 @@ def gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gated delta rule, dispatched to the fastest available implementation.
+    """Gated delta rule on prepared inputs, dispatched to the fastest available implementation.
 
     Args:
         q, k: [B, T, Hk, K], already L2-normalised; v: [B, T, Hv, V] (Hv % Hk == 0);
@@ -73,18 +137,79 @@ def gated_delta_rule(
     """
     if not _use_fla(v):
         return _torch_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+    return _fla_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel=False)
 
-    fla_chunk, fla_recurrent = _fla_ops()
-    T, K = k.shape[1], k.shape[3]
-    if scale is None:
-        scale = K**-0.5
-    # fla wants q/k/v in one dtype and the state in float32
-    q, k = q.to(v.dtype), k.to(v.dtype)
-    h0 = None if initial_state is None else initial_state.float().contiguous()
-    kwargs = dict(g=g, beta=beta, scale=scale, initial_state=h0, output_final_state=output_final_state,
-                  use_qk_l2norm_in_kernel=False)
-    o, ht = (fla_recurrent if T == 1 else fla_chunk)(q, k, v, **kwargs)
-    o = o.to(v.dtype)
-    if ht is not None:
-        ht = ht.float()
-    return o, ht
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(|x|² + eps) in float32, as fla and transformers' qwen3_5 normalise q and k."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def gdn_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """Log decay g = −exp(A_log)·softplus(a + dt_bias), in float32 (Mamba-2's parametrisation)."""
+    return -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+
+
+def gated_delta_net(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Gated DeltaNet core from the layer's raw projections.
+
+    q, k: [B, T, Hk, K] (not normalised); v: [B, T, Hv, V]; a, b: [B, T, Hv] raw decay / β projections;
+    A_log, dt_bias: [Hv]. Computes l2norm(q), l2norm(k), g = −exp(A_log)·softplus(a + dt_bias), β = σ(b) and the
+    gated delta rule with scale K^-½. Returns (o [B, T, Hv, V], final state [B, Hv, K, V] float32 or None).
+    """
+    if not _use_fla(v):
+        g, beta = gdn_decay(a, A_log, dt_bias), b.sigmoid()
+        return _torch_gated_delta_rule(l2norm(q), l2norm(k), v, g, beta, None, initial_state, output_final_state)
+    return _fla_delta_rule(q, k, v, a, b, None, initial_state, output_final_state, use_qk_l2norm_in_kernel=True,
+                           use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
+
+
+# ------------------------------------------------------------------------------------------------ conv and norms
+def short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None,
+               output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Depthwise causal conv + SiLU; x [B, T, D], weight [D, W], state [B, D, W − 1] (see ops.conv)."""
+    if not _use_fla(x):
+        return causal_conv1d(x, weight, state, output_final_state)
+    h0 = None if state is None else F.pad(state.to(x.dtype), (1, 0)).contiguous()  # fla: the last W inputs
+    y, ht = _fla().conv(x=x, weight=weight, initial_state=h0, output_final_state=output_final_state,
+                        activation="silu", backend="triton")
+    return y, (None if ht is None else ht[..., 1:].contiguous())
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x)·w·silu(gate) over the last dim (DeltaNet's output norm), in x's dtype."""
+    if not _use_fla(x):
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        out = weight * xf.to(dtype)
+        return (out * F.silu(gate.float())).to(dtype)
+    return _fla().rms_norm_gated(x=x, g=gate, weight=weight, bias=None, activation="swish", eps=eps).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x̂·(1 + w) computed in float32 (qwen3_5_text's convention: a source weight w is stored as w − 1)."""
+    scale = 1.0 + weight.float()  # float32 even when w is bfloat16: 1 + w would lose w's low bits
+    if not _use_fla(x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (xf * scale).type_as(x)
+    return _fla().rms_norm(x, scale, None, eps=eps).type_as(x)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate)·up, the SwiGLU MLP's activation, in one pass on CUDA."""
+    if not _use_fla(gate):
+        return F.silu(gate) * up
+    return _fla().swiglu(gate, up)

@@ -31,17 +31,19 @@ class DistillationObjective(nn.Module):
     """Student and (frozen, optional) teacher; forward returns loss sums over the batch's target tokens.
 
     temperature: KD softmax temperature; align: compute per-layer hidden-state alignment (needs equal depth and
-    width); chunk_tokens: positions per logits chunk.
+    width); chunk_tokens: positions per logits chunk; kd_weight / ce_weight: the weights of the differentiable
+    `loss_sum` = kd_weight·kd_sum + ce_weight·ce_sum (the trainer's α and 1 − α).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, temperature: float = 1.0,
-                 align: bool = False, chunk_tokens: int = 1024):
+                 align: bool = False, chunk_tokens: int = 1024, kd_weight: float = 1.0, ce_weight: float = 0.0):
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.temperature = temperature
         self.align = align
         self.chunk_tokens = chunk_tokens
+        self.kd_weight, self.ce_weight = kd_weight, ce_weight
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -54,7 +56,8 @@ class DistillationObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 eval_stats: bool = False) -> dict[str, torch.Tensor]:
-        """Loss sums (see losses.distillation_sums); `eval_stats` adds teacher CE and agreement, at temperature 1."""
+        """Loss sums (see losses.distillation_sums; plus `align_sum` when aligning); `eval_stats` adds teacher CE and
+        agreement, at temperature 1."""
         targets = next_token_targets(labels, attention_mask)
         # real tokens count positions from 0 whatever the padding side, for both models alike
         position_ids = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -68,7 +71,7 @@ class DistillationObjective(nn.Module):
         out = distillation_sums(
             student_final, self.student.lm_head.weight, targets, teacher_final,
             None if self.teacher is None else self.teacher.lm_head.weight,
-            1.0 if eval_stats else self.temperature, self.chunk_tokens, eval_stats,
+            1.0 if eval_stats else self.temperature, self.chunk_tokens, eval_stats, self.kd_weight, self.ce_weight,
         )
         if self.align:
             out["align_sum"] = alignment_sum(student_states, teacher_states, targets)

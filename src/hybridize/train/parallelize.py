@@ -65,17 +65,20 @@ def _layers(lm: nn.Module) -> list[nn.Module]:
 
 def parallelize(objective: nn.Module, env: DistEnv, param_dtype: torch.dtype,
                 grad_checkpointing: bool = False) -> nn.Module:
-    """Activation checkpointing per block, then FSDP2: one unit per decoder layer of student and teacher, and
-    the root (embeddings, final norms, lm_heads) as the objective itself. Compute in `param_dtype`, gradients
-    reduced in float32; the student's master weights stay in their stored dtype (float32 for training)."""
+    """Activation checkpointing per block, then FSDP2: one unit per decoder
+    layer of student and teacher, and the root (embeddings, final norms, lm_heads) as the objective itself.
+    Compute in `param_dtype`, gradients reduced in float32; the student's master weights stay in their stored
+    dtype (float32 for training)."""
     if grad_checkpointing:  # transformers' per-layer checkpointing, renamed after 5.17
         student, kwargs = objective.student, {"use_reentrant": False}
         if hasattr(student, "activation_checkpointing_enable"):
             student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     models = [objective.student] + ([objective.teacher] if objective.teacher is not None else [])
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # One unit per decoder layer, also in one process. (A single root unit for one process, to save FSDP's
+    # per-layer hooks, stalled the first CUDA backward on an H200 on 2026-11-28; not adopted until understood.)
     for lm in models:
         layers = _layers(lm)
         for i, layer in enumerate(layers):

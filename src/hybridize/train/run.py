@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch.distributed as dist
 
 from ..errors import HybridizeError, one_line
 from ..model.modeling import HybridForCausalLM
-from ..ops.dispatch import fla_available
+from ..ops.dispatch import note_if_slow_path
 from ..output import TOKENIZER_FILES
 from .config import DistillConfig
 from .data import PackedBatches, eval_windows, load_or_build_tokens
@@ -83,9 +82,8 @@ def run_distill(teacher: str, student: str, data: list[str], out: str, config: D
         raise HybridizeError("--eval-every needs --eval-data (held-out text to evaluate on)")
     torch.manual_seed(config.seed)
     env = init_distributed()
-    if env.is_main and env.device.type == "cuda" and not fla_available():
-        print("hybridize: note: flash-linear-attention is not installed, so DeltaNet layers run the torch reference "
-              "path (several times slower); pip install 'hybridize[gpu]'", file=sys.stderr)
+    if env.is_main:
+        note_if_slow_path(env.device)
     try:
         save_dtype = _stored_dtype(student_dir)
         teacher_dtype = config.compute_dtype(env.device.type)  # frozen: no float32 master copy needed

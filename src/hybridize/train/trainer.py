@@ -116,45 +116,62 @@ class DistillationTrainer:
     """Heals a hybrid `student` toward its `teacher` by knowledge distillation.
 
     `config` is a DistillConfig, or a CrossArchTransferConfig whose distillation_temperature / distillation_alpha
-    (default 2.0 / 0.5) set the loss.
+    (default 2.0 / 0.5) set the loss. `teacher=None` with alpha 0 fine-tunes on cross-entropy alone.
 
     `compute_loss` works on plain modules (tests, notebooks); `fit` shards both models with FSDP2 over however
     many processes torchrun started (one without torchrun) and runs the resumable loop.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module,
+    def __init__(self, teacher: nn.Module | None, student: nn.Module,
                  config: DistillConfig | CrossArchTransferConfig | None = None):
         self.config = as_distill_config(config)
-        check_pair(teacher, student, self.config.aligns)
+        if teacher is not None:
+            check_pair(teacher, student, self.config.aligns)
+        elif self.config.alpha > 0 or self.config.aligns:
+            raise HybridizeError("without a teacher only cross-entropy can train: set alpha 0 and no alignment")
         self.student, self.teacher = student, teacher
+        kd_weight, ce_weight = self._head_weights()
         self.objective = DistillationObjective(student, teacher, self.config.temperature,
-                                               align=self.config.aligns,
-                                               chunk_tokens=self.config.chunk_tokens)
+                                               align=self.config.aligns, chunk_tokens=self.config.chunk_tokens,
+                                               kd_weight=kd_weight, ce_weight=ce_weight)
         self.env: DistEnv | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
         self.finished = False
 
     # ------------------------------------------------------------------------------------------ the loss
-    def _combine(self, kd, ce, align):
+    def _head_weights(self) -> tuple[float, float]:
+        """Weights of KD and CE in the loss: (α, 1 − α), or none with --align-only."""
         cfg = self.config
-        if cfg.align_only:
-            return align
-        return cfg.alpha * kd + (1 - cfg.alpha) * ce + cfg.align_weight * align
+        return (0.0, 0.0) if cfg.align_only else (cfg.alpha, 1.0 - cfg.alpha)
+
+    def _combine(self, kd, ce, align):
+        kd_weight, ce_weight = self._head_weights()
+        return kd_weight * kd + ce_weight * ce + self._align_weight() * align
+
+    def _align_weight(self) -> float:
+        return 1.0 if self.config.align_only else self.config.align_weight
+
+    def _loss_sum(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The differentiable loss sum: the head's weighted KD + CE, plus the weighted alignment."""
+        if "align_sum" not in sums:
+            return sums["loss_sum"]
+        return sums["loss_sum"] + self._align_weight() * sums["align_sum"]
 
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
                      attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """loss = α·KD + (1−α)·CE (+ w·alignment), each a mean over this batch's target tokens.
 
-        Labels are aligned with the inputs (shifted inside); −100 and padded positions are ignored.
+        Labels are aligned with the inputs (shifted inside); −100 and padded positions are ignored. Only `loss`
+        carries gradients; `kd_loss`, `task_loss` (and `align_loss`) are its parts, as values.
         """
         sums = self.objective(input_ids, labels, attention_mask)
         n = sums["count"].clamp(min=1)
-        kd, ce = sums["kd_sum"] / n, sums["ce_sum"] / n
+        kd, ce = sums["kd_sum"].detach() / n, sums["ce_sum"].detach() / n
         align = sums["align_sum"] / n if "align_sum" in sums else kd.new_zeros(())
-        out = {"loss": self._combine(kd, ce, align), "kd_loss": kd, "task_loss": ce}
+        out = {"loss": self._loss_sum(sums) / n, "kd_loss": kd, "task_loss": ce}
         if "align_sum" in sums:
-            out["align_loss"] = align
+            out["align_loss"] = align.detach()
         return out
 
     # ------------------------------------------------------------------------------------------ setup
@@ -194,7 +211,7 @@ class DistillationTrainer:
             out = self.objective(mb, mb)
             align = out.get("align_sum", out["kd_sum"].new_zeros(()))
             # FSDP averages gradients over ranks; × world_size turns that into a sum over the global batch
-            (self._combine(out["kd_sum"], out["ce_sum"], align) * (env.world_size / count)).backward()
+            (self._loss_sum(out) * (env.world_size / count)).backward()
             sums += torch.stack([out["kd_sum"], out["ce_sum"], align]).detach().float()
         dist.all_reduce(sums)
         kd, ce, align = (sums / count).tolist()
