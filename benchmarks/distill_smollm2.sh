@@ -10,12 +10,14 @@
 #   after   eval RUNS/one/final vs the teacher → eval_after.json; loss curves → RUNS/one/curves.png
 #   report  benchmarks/distill_report.py: perplexity ratios, KL, agreement, tok/s, MFU, 1- vs 2-GPU losses
 # GGUF: ../shared/models/fetch_smollm2.sh; TRAIN/VAL: ../shared/data/build_corpus.sh. Smaller smoke runs: set SEQ,
-# BATCH, TOKENS, STEPS2, EVAL_TOKENS (defaults 2048, 16, 20M, 50, 262144); LIMIT caps the 1-GPU stage in seconds.
+# BATCH, TOKENS, STEPS2, EVAL_TOKENS (defaults 2048, 16, 20M, 50, 262144); ACCUM the 1-GPU micro-steps (default 1);
+# LIMIT caps the 1-GPU stage in seconds.
 set -euo pipefail
 gguf=$1 train=$2 val=$3 runs=$4
 shift 4
 stages=${*:-prep one two after report}
 tokens=${TOKENS:-20M} steps2=${STEPS2:-50} seq=${SEQ:-2048} batch=${BATCH:-16} eval_tokens=${EVAL_TOKENS:-262144}
+accum=${ACCUM:-1}  # micro-steps on 1 GPU: 1 is 1.9x faster than 2 on an H200 (docs/BENCHMARKS.md); the 2026-11-27 run used 2
 py=${PYTHON:-python3}
 hz() { "$py" -m hybridize "$@"; }
 common=(--teacher "$gguf" --student "$runs/student" --data "$train" --seq-len "$seq" --batch-size "$batch"
@@ -34,7 +36,7 @@ for stage in $stages; do
       if [ ! -d "$runs/one/final" ]; then
         resume=(); [ -d "$runs/one/checkpoints" ] && resume=(--resume)
         # LIMIT seconds (0 = none): SIGTERM makes the run checkpoint and stop; re-running this stage resumes it
-        CUDA_VISIBLE_DEVICES=0 timeout -s TERM "${LIMIT:-0}" "$py" -m hybridize distill "${common[@]}" --grad-accum 2 \
+        CUDA_VISIBLE_DEVICES=0 timeout -s TERM "${LIMIT:-0}" "$py" -m hybridize distill "${common[@]}" --grad-accum "$accum" \
           --out "$runs/one" "${resume[@]}" > "$runs/one.json" || { rc=$?; [ $rc -eq 124 ] || exit $rc
           echo "LIMIT reached: checkpointed; run this stage again to resume"; }
       fi

@@ -7,6 +7,7 @@
     torchrun --nproc-per-node N -m hybridize distill ...      (the same run sharded over N GPUs)
     hybridize eval MODEL --data PATH [--teacher SOURCE] [--seq-len N] [--max-tokens N]
     hybridize plot RUN_DIR
+    hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|proxy]
     hybridize bench --train [--shape qwen3-8b|smollm2|tiny] [--seq-len N] [--gpus N] [--json FILE]
 
 User mistakes (bad flags, unsupported or broken sources, an existing output) print one line,
@@ -399,6 +400,55 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------- select-layers
+
+
+def add_select_parser(sub) -> None:
+    from .transfer.select import METHODS, SelectConfig
+
+    d = SelectConfig()
+    p = sub.add_parser(
+        "select-layers",
+        help="choose which layers keep softmax attention (KL-guided or a cheap proxy)",
+        description="Score every layer of SOURCE on --data and print (JSON) the --keep layers that should stay "
+        "softmax attention, with the flag to pass to `hybridize convert`. kl: KL(teacher || teacher with only that "
+        "layer converted to Gated DeltaNet) per token; proxy: the teacher's attention mass beyond --window tokens.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="the model to convert: folder, hub id or .gguf file")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH", help="text in any format `distill` reads")
+    p.add_argument("--keep", type=_int, default=d.keep,
+                   help="layers that keep attention [default: as many as the 3:1 pattern keeps]")
+    p.add_argument("--method", choices=METHODS, default=d.method, help=f"scoring method [default: {d.method}]")
+    p.add_argument("--tokens", type=_count, default=d.tokens,
+                   help=f"tokens of --data to score on [default: {d.tokens}]")
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
+                   help=f"tokens per window [default: {d.seq_len}]")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"windows per forward pass [default: {d.batch_size}]")
+    p.add_argument("--window", type=_positive_int, default=d.window,
+                   help=f"proxy: attention to keys farther back than this counts as long-range [default: {d.window}]")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype, help=f"[default: {d.dtype}]")
+    p.add_argument("--json", metavar="FILE", help="also write the report to FILE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_select)
+
+
+def cmd_select(args) -> int:
+    from dataclasses import fields
+
+    from .transfer.select import SelectConfig, select_attention_layers
+
+    config = SelectConfig(**{f.name: getattr(args, f.name) for f in fields(SelectConfig)})
+    report = select_attention_layers(args.source, config, progress=not args.no_progress)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- bench
 
 
@@ -494,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_plot_parser(sub)
     add_bench_parser(sub)
+    add_select_parser(sub)
     return parser
 
 

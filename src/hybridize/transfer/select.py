@@ -1,0 +1,157 @@
+"""Which layers keep softmax attention: `hybridize select-layers SOURCE --data PATH --keep K`.
+
+Uniform placement (every fourth layer) ignores that layers differ in how much they need exact softmax attention:
+KL-guided selection (arXiv 2512.20569) beats it at equal training tokens. Two methods:
+
+- `kl`: the importance of layer i is KL(teacher ‖ teacher with only layer i made Gated DeltaNet), per token on
+  the calibration text, with layer i's DeltaNet as `hybridize convert` would make it (so a calibrated conversion
+  gives a calibrated answer). The K layers whose conversion costs the most KL keep attention. L + 1 forward passes
+  per batch; the teacher is transformers' own model of the source, the probe an exact all-attention conversion
+  with one decoder layer swapped at a time.
+- `proxy`: no probe model, one teacher forward with attention weights: the importance of a layer is the share of
+  its attention mass on keys more than `window` tokens back (averaged over heads and queries). Linear attention
+  keeps a decaying summary and handles recency well; far, sharp retrieval is what it loses. Cheap, no conversion.
+
+Both return scores for every layer and the chosen layers in the form `convert --attention-layers` accepts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import HybridizeError
+from ..model.config import FULL
+from .config import CrossArchTransferConfig, HybridAttentionConfig
+
+METHODS = ("kl", "proxy")
+
+
+@dataclass
+class SelectConfig:
+    """`hybridize select-layers` settings; fields map 1:1 onto its flags."""
+
+    keep: int = 0  # 0: as many as the default 3:1 pattern keeps
+    method: str = "kl"
+    tokens: int = 16_384
+    seq_len: int = 512
+    batch_size: int = 4
+    window: int = 64
+    dtype: str = "float32"
+    data: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise HybridizeError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.keep < 0 or self.tokens < 1 or self.seq_len < 2 or self.batch_size < 1 or self.window < 1:
+            raise HybridizeError("need keep >= 0, tokens >= 1, seq_len >= 2, batch_size >= 1 and window >= 1")
+
+
+def _windows(source: str, cfg: SelectConfig) -> torch.Tensor:
+    """The first `cfg.tokens` tokens of the data (documents EOS-separated, in order) as windows; only as many
+    documents are tokenized as that takes."""
+    import numpy as np
+
+    from ..train.data import eval_windows, iter_documents
+    from ..train.models import load_tokenizer
+
+    tokenizer = load_tokenizer(source)
+    ids: list[int] = []
+    for text in iter_documents(cfg.data):
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= cfg.tokens:
+            break
+    return eval_windows(np.asarray(ids, dtype=np.int64), cfg.seq_len, cfg.tokens)
+
+
+def _batches(windows: torch.Tensor, batch_size: int):
+    return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+
+
+@torch.no_grad()
+def kl_scores(source: str, windows: torch.Tensor, cfg: SelectConfig, transfer: CrossArchTransferConfig,
+              progress: bool = True) -> list[float]:
+    """Per layer, KL(teacher ‖ the conversion that makes only that layer DeltaNet), nats per token."""
+    from ..train.models import load_language_model
+    from ..train.objective import DistillationObjective
+    from .convert import create_hybrid_from_qwen3
+
+    dtype = getattr(torch, cfg.dtype)
+    teacher = load_language_model(source, dtype)
+    num_layers = teacher.config.num_hidden_layers
+    as_attention = replace(transfer, hybrid_attention=HybridAttentionConfig(attention_layers=list(range(num_layers))))
+    as_linear = replace(transfer, hybrid_attention=HybridAttentionConfig(attention_layers=[]))
+    probe = create_hybrid_from_qwen3(source, as_attention, dtype=dtype)
+    linear_layers = create_hybrid_from_qwen3(source, as_linear, dtype=dtype).model.layers
+    objective = DistillationObjective(probe, teacher).eval()
+    sums = torch.zeros(num_layers, dtype=torch.float64)
+    count = 0.0
+    bar = tqdm(total=num_layers * len(windows), desc="select-layers (kl)", unit="window", disable=not progress)
+    for batch in _batches(windows, cfg.batch_size):
+        for i in range(num_layers):
+            attention_layer = probe.model.layers[i]
+            probe.model.layers[i] = linear_layers[i]
+            try:
+                out = objective(batch, batch, eval_stats=True)
+            finally:
+                probe.model.layers[i] = attention_layer
+            sums[i] += float(out["kd_sum"])
+            bar.update(len(batch))
+        count += float(out["count"])
+    bar.close()
+    return (sums / max(count, 1)).tolist()
+
+
+@torch.no_grad()
+def proxy_scores(source: str, windows: torch.Tensor, cfg: SelectConfig, progress: bool = True) -> list[float]:
+    """Per layer, the teacher's share of attention probability on keys more than `cfg.window` tokens back."""
+    from ..train.models import load_language_model
+
+    teacher = load_language_model(source, getattr(torch, cfg.dtype))
+    teacher.set_attn_implementation("eager")  # attention weights are only returned by the eager path
+    T = windows.shape[1]
+    far = (torch.arange(T)[:, None] - torch.arange(T)[None, :]) > cfg.window  # (query, key)
+    sums = torch.zeros(teacher.config.num_hidden_layers, dtype=torch.float64)
+    batches = _batches(windows, cfg.batch_size)
+    for batch in tqdm(batches, desc="select-layers (proxy)", unit="batch", disable=not progress):
+        attentions = teacher(batch, output_attentions=True).attentions  # L × (B, H, T, T)
+        for i, probs in enumerate(attentions):
+            sums[i] += float((probs.float() * far).sum(-1).mean(dim=(1, 2)).sum())
+    return (sums / len(windows)).tolist()
+
+
+def select_attention_layers(source: str, cfg: SelectConfig, transfer: CrossArchTransferConfig | None = None,
+                            progress: bool = True) -> dict:
+    """Score every layer of `source` and pick the `cfg.keep` that keep softmax attention. Returns a report."""
+    from .sources import read_source_config
+
+    start = time.perf_counter()
+    source = str(source)
+    if not cfg.data:
+        raise HybridizeError("select-layers needs --data: text to measure the layers on")
+    for path in cfg.data:
+        if not Path(path).expanduser().exists():
+            raise HybridizeError(f"data path {path} does not exist")
+    source_config, _ = read_source_config(source)
+    num_layers = source_config.num_hidden_layers
+    uniform = [i for i, t in enumerate(HybridAttentionConfig().layer_types(num_layers)) if t == FULL]
+    keep = cfg.keep or len(uniform)
+    if keep > num_layers:
+        raise HybridizeError(f"--keep {keep} is more than the source's {num_layers} layers")
+    windows = _windows(source, cfg)
+    transfer = transfer or CrossArchTransferConfig()
+    if cfg.method == "kl":
+        scores = kl_scores(source, windows, cfg, transfer, progress)
+    else:
+        scores = proxy_scores(source, windows, cfg, progress)
+    chosen = sorted(sorted(range(num_layers), key=lambda i: -scores[i])[:keep])
+    return {
+        "source": source, "method": cfg.method, "keep": keep, "attention_layers": chosen,
+        "flag": "--attention-layers " + ",".join(map(str, chosen)),
+        "scores": [round(s, 6) for s in scores], "uniform_attention_layers": uniform,
+        "tokens": int(windows.numel()), "seq_len": cfg.seq_len, "seconds": round(time.perf_counter() - start, 1),
+    }

@@ -1,0 +1,86 @@
+"""`hybridize select-layers`: layer scores against independent computations, the choice, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hybridize import create_hybrid_from_qwen3
+from hybridize.cli import main
+from hybridize.errors import HybridizeError
+from hybridize.train.evaluate import evaluate
+from hybridize.train.models import load_language_model
+from hybridize.train.objective import DistillationObjective
+from hybridize.transfer.config import HybridAttentionConfig
+from hybridize.transfer.select import SelectConfig, _windows, select_attention_layers
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def source_and_text(tmp_path_factory):
+    from conftest import build_tiny_source
+
+    folder = build_tiny_source(tmp_path_factory.mktemp("sel") / "qwen3", family="qwen3", num_hidden_layers=LAYERS)
+    gen = torch.Generator().manual_seed(0)
+    words = [f"w{i}" for i in range(60)]  # the tiny tokenizer's word-level vocabulary
+    text = folder.parent / "text.txt"
+    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, 60, (3000,), generator=gen)))
+    return folder, text
+
+
+def test_kl_scores_equal_real_single_layer_conversions(source_and_text):
+    folder, text = source_and_text
+    cfg = SelectConfig(keep=2, method="kl", tokens=256, seq_len=64, batch_size=2, data=[str(text)])
+    report = select_attention_layers(str(folder), cfg, progress=False)
+    scores = report["scores"]
+    assert len(scores) == LAYERS and all(s >= 0 for s in scores) and max(scores) > 1e-4
+    # an independent check of two layers: convert with only that layer as DeltaNet, then evaluate KL
+    teacher = load_language_model(folder, torch.float32)
+    windows = _windows(str(folder), cfg)
+    for j in (0, LAYERS - 1):
+        attention = [i for i in range(LAYERS) if i != j]
+        hybrid = create_hybrid_from_qwen3(folder, HybridAttentionConfig(attention_layers=attention),
+                                          dtype=torch.float32)
+        kl = evaluate(DistillationObjective(hybrid, teacher), windows, batch_size=2)["kl"]
+        assert scores[j] == pytest.approx(kl, rel=1e-4, abs=1e-6)
+    ranked = sorted(range(LAYERS), key=lambda i: -scores[i])
+    assert report["attention_layers"] == sorted(ranked[:2])
+    assert report["flag"] == "--attention-layers " + ",".join(map(str, report["attention_layers"]))
+    assert report["uniform_attention_layers"] == [3]
+
+
+def test_proxy_scores_are_the_far_attention_share(source_and_text):
+    folder, text = source_and_text
+    cfg = SelectConfig(method="proxy", tokens=128, seq_len=64, batch_size=2, window=8, data=[str(text)])
+    report = select_attention_layers(str(folder), cfg, progress=False)
+    assert report["keep"] == 1  # the 3:1 pattern keeps one of 6 layers
+    teacher = load_language_model(folder, torch.float32)
+    teacher.set_attn_implementation("eager")
+    windows = _windows(str(folder), cfg)
+    with torch.no_grad():
+        probs = teacher(windows, output_attentions=True).attentions[2]  # (B, H, T, T)
+    T = windows.shape[1]
+    far = torch.tensor([[q - k > 8 for k in range(T)] for q in range(T)])
+    expected = (probs * far).sum(-1).mean().item()
+    assert report["scores"][2] == pytest.approx(expected, rel=1e-5)
+    everything_near = select_attention_layers(str(folder), SelectConfig(
+        method="proxy", tokens=128, seq_len=64, window=1000, data=[str(text)]), progress=False)
+    assert everything_near["scores"] == [0.0] * LAYERS
+
+
+def test_cli_writes_json_and_refuses_bad_input(source_and_text, tmp_path, capsys):
+    folder, text = source_and_text
+    out = tmp_path / "sel.json"
+    assert main(["select-layers", str(folder), "--data", str(text), "--method", "proxy", "--tokens", "128",
+                 "--seq-len", "64", "--keep", "2", "--json", str(out), "--no-progress"]) == 0
+    assert len(json.loads(out.read_text())["attention_layers"]) == 2
+    for argv, needle in ([["--keep", "9"], "more than"], [["--method", "x"], "invalid choice"]):
+        capsys.readouterr()
+        assert main(["select-layers", str(folder), "--data", str(text), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    with pytest.raises(HybridizeError, match="does not exist"):
+        select_attention_layers(str(folder), SelectConfig(data=[str(tmp_path / "nope.txt")]), progress=False)
