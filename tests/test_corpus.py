@@ -347,3 +347,13 @@ def test_list_shows_every_source_and_where_it_comes_from(tmp_path, capsys):
 def test_every_source_has_a_package_and_domain():
     for s in C.SOURCES.values():
         assert s.packages and s.domain and s.description and s.read
+
+
+def test_document_ids_are_unique_within_a_source(tmp_path, monkeypatch):
+    def twice(root: Path):
+        yield C.Doc("same", PARA * 3, "a")
+        yield C.Doc("same", PARA * 4, "b")
+
+    monkeypatch.setitem(C.SOURCES, "licenses", C.Source("licenses", "legal", ("base-files",), "/nowhere", twice))
+    docs, files = C.read_source("licenses", tmp_path)
+    assert [d.id for d in docs] == ["same", "same#2"] and files == ["a", "b"]

@@ -510,8 +510,8 @@ def add_corpus_parser(sub) -> None:
     p.add_argument("--sources", nargs="+", metavar="NAME",
                    help="sources to read (see --list) [default: every known source installed here]")
     p.add_argument("--holdout", metavar="NAME", default=d.holdout,
-                   help="a source written whole to OUT/holdout.jsonl and kept out of train and val "
-                   "[default: none]")
+                   help="a source written whole to OUT/holdout.jsonl and kept out of train and val (read even "
+                   "when --sources leaves it out) [default: none]")
     p.add_argument("--val-fraction", type=_float, default=d.val_fraction,
                    help=f"share of each other source's documents that goes to val.jsonl [default: {d.val_fraction}]")
     p.add_argument("--max-mb-per-source", type=_float, metavar="N", default=d.max_mb_per_source,

@@ -608,9 +608,11 @@ def read_source(name: str, root: Path, seed: int = 0, max_chars: int | None = No
         for i, piece in enumerate(pieces):
             if len(piece) < MIN_CHARS:
                 continue
-            doc_id = doc.id if len(pieces) == 1 else f"{doc.id}#part{i + 1}"
-            if doc_id in ids:
-                raise AssertionError(f"{name}: duplicate document id {doc_id!r}")  # a reader bug: ids must be unique
+            doc_id = base = doc.id if len(pieces) == 1 else f"{doc.id}#part{i + 1}"
+            k = 1
+            while doc_id in ids:  # two groups with the same first..last labels: unlikely, but ids must be unique
+                k += 1
+                doc_id = f"{base}#{k}"
             ids.add(doc_id)
             docs.append(Doc(doc_id, piece, doc.file))
     if max_chars is not None and sum(len(d.text) for d in docs) > max_chars:
