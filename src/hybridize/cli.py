@@ -9,6 +9,7 @@
     hybridize plot RUN_DIR
     hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|proxy]
     hybridize bench --train [--shape qwen3-8b|smollm2|tiny] [--seq-len N] [--gpus N] [--json FILE]
+    hybridize corpus OUT [--sources NAME ...] [--holdout NAME] [--val-fraction 0.01] [--max-mb-per-source N] [--list]
 
 User mistakes (bad flags, unsupported or broken sources, an existing output) print one line,
 `hybridize: error: <message>`, on stderr and exit with status 2; never a traceback.
@@ -527,6 +528,79 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------------- corpus
+
+
+def _root_pair(text: str) -> tuple[str, str]:
+    """'NAME=DIR' -> (NAME, DIR)."""
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=DIR (e.g. bible=/opt/bible)")
+    return name, folder
+
+
+def add_corpus_parser(sub) -> None:
+    from .train.corpus import CorpusConfig
+
+    d = CorpusConfig()
+    p = sub.add_parser(
+        "corpus",
+        help="build a multi-domain distillation corpus from text that Debian packages ship (offline)",
+        description="Read real text that ships offline (technical docs, source code, man pages, licences, a "
+        "dictionary, scripture, novels, humour; --list shows which are installed here), cut it into documents "
+        "and write OUT/train.jsonl, OUT/val.jsonl (a hash split per document, the same on every machine), "
+        "OUT/holdout.jsonl (every document of the --holdout source, none of it in train/val: a generalization "
+        "test) and OUT/manifest.json (per source: package versions, files read, documents and characters). "
+        "One {\"text\", \"source\", \"id\"} object a line; pass OUT/train.jsonl to `distill --data` and "
+        "OUT/val.jsonl or OUT/holdout.jsonl to `--eval-data` / `eval --data`. benchmarks/build_corpus.sh "
+        "installs the packages and builds the project's corpus.",
+    )
+    p.add_argument("output", metavar="OUT", nargs="?", help="folder to write (written to a temporary folder, "
+                   "renamed into place when complete); not needed with --list")
+    p.add_argument("--sources", nargs="+", metavar="NAME",
+                   help="sources to read (see --list) [default: every known source installed here]")
+    p.add_argument("--holdout", metavar="NAME", default=d.holdout,
+                   help="a source written whole to OUT/holdout.jsonl and kept out of train and val (read even "
+                   "when --sources leaves it out) [default: none]")
+    p.add_argument("--val-fraction", type=_float, default=d.val_fraction,
+                   help=f"share of each other source's documents that goes to val.jsonl [default: {d.val_fraction}]")
+    p.add_argument("--max-mb-per-source", type=_float, metavar="N", default=d.max_mb_per_source,
+                   help="keep at most N million characters of each source (a subset chosen by the document "
+                   "hash, so no single large source dominates) [default: no limit]")
+    p.add_argument("--seed", type=_int, default=d.seed,
+                   help=f"salts the split hash: another seed, another train/val split and order [default: {d.seed}]")
+    p.add_argument("--root", dest="roots", type=_root_pair, action="append", metavar="NAME=DIR",
+                   help="read source NAME from DIR instead of where Debian installs it (repeatable)")
+    p.add_argument("--list", action="store_true",
+                   help="print the known sources, whether each is installed here, and the Debian packages that "
+                   "provide them; build nothing")
+    p.add_argument("--force", action="store_true", help="replace OUT if it already exists [default: refuse]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_corpus)
+
+
+def cmd_corpus(args) -> int:
+    from dataclasses import fields
+
+    from .train.corpus import CorpusConfig, build_corpus, format_source_list, list_sources
+
+    values = {f.name: getattr(args, f.name) for f in fields(CorpusConfig)}
+    values["roots"] = dict(args.roots or [])
+    config = CorpusConfig(**values)
+    if args.list:
+        print(format_source_list(list_sources(config.roots)))
+        return 0
+    if not args.output:
+        raise HybridizeError("corpus needs an OUT folder (or --list to see the sources)")
+    manifest = build_corpus(args.output, config, progress=not args.no_progress)
+    for name in manifest["skipped_absent"]:
+        print(f"note: skipped {name} (not installed here; see hybridize corpus --list)", file=sys.stderr)
+    summary = {name: {"documents": s["documents"], "mb": round(s["characters"] / 1e6, 2), "splits": {
+        k: v["documents"] for k, v in s["splits"].items()}} for name, s in manifest["sources"].items()}
+    print(json.dumps({"out": str(args.output), "outputs": manifest["outputs"], "sources": summary}, indent=2))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -545,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot_parser(sub)
     add_bench_parser(sub)
     add_select_parser(sub)
+    add_corpus_parser(sub)
     return parser
 
 
