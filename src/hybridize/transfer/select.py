@@ -5,9 +5,9 @@ KL-guided selection (arXiv 2512.20569) beats it at equal training tokens. Two me
 
 - `kl`: the importance of layer i is KL(teacher ‖ teacher with only layer i made Gated DeltaNet), per token on
   the calibration text, with layer i's DeltaNet as `hybridize convert` would make it (so a calibrated conversion
-  gives a calibrated answer). The K layers whose conversion costs the most KL keep attention. L + 1 forward passes
-  per batch; the teacher is transformers' own model of the source, the probe an exact all-attention conversion
-  with one decoder layer swapped at a time.
+  gives a calibrated answer). The K layers whose conversion costs the most KL keep attention. The teacher is
+  transformers' own model of the source, the probe an exact all-attention conversion with one decoder layer
+  swapped at a time (about L/2 forward passes per batch).
 - `proxy`: no probe model, one teacher forward with attention weights: the importance of a layer is the share of
   its attention mass on keys more than `window` tokens back (averaged over heads and queries). Linear attention
   keeps a decaying summary and handles recency well; far, sharp retrieval is what it loses. Cheap, no conversion.
@@ -75,9 +75,13 @@ def _batches(windows: torch.Tensor, batch_size: int):
 @torch.no_grad()
 def kl_scores(source: str, windows: torch.Tensor, cfg: SelectConfig, transfer: CrossArchTransferConfig,
               progress: bool = True) -> list[float]:
-    """Per layer, KL(teacher ‖ the conversion that makes only that layer DeltaNet), nats per token."""
+    """Per layer, KL(teacher ‖ the conversion that makes only that layer DeltaNet), nats per token.
+
+    Layers before i are the same in both models, so each probe starts from the all-attention copy's input to
+    layer i (computed once per batch) and runs only layers i..L−1: about L/2 layer passes per probe."""
+    from ..train.losses import distillation_sums, next_token_targets
     from ..train.models import load_language_model
-    from ..train.objective import DistillationObjective
+    from ..train.objective import final_hidden
     from .convert import create_hybrid_from_qwen3
 
     dtype = getattr(torch, cfg.dtype)
@@ -87,23 +91,26 @@ def kl_scores(source: str, windows: torch.Tensor, cfg: SelectConfig, transfer: C
     as_linear = replace(transfer, hybrid_attention=HybridAttentionConfig(attention_layers=[]))
     probe = create_hybrid_from_qwen3(source, as_attention, dtype=dtype)
     linear_layers = create_hybrid_from_qwen3(source, as_linear, dtype=dtype).model.layers
-    objective = DistillationObjective(probe, teacher).eval()
     sums = torch.zeros(num_layers, dtype=torch.float64)
     count = 0.0
     bar = tqdm(total=num_layers * len(windows), desc="select-layers (kl)", unit="window", disable=not progress)
     for batch in _batches(windows, cfg.batch_size):
+        targets = next_token_targets(batch)
+        teacher_final, _ = final_hidden(teacher, batch, None, None, with_states=False)
+        _, inputs = probe.model(batch, output_hidden_states=True)  # inputs[i]: what enters layer i
+        positions = torch.arange(batch.shape[1])[None].expand(batch.shape[0], -1)
+        rope = probe.model.rotary_emb(inputs[0], positions)
         for i in range(num_layers):
-            attention_layer = probe.model.layers[i]
-            probe.model.layers[i] = linear_layers[i]
-            try:
-                out = objective(batch, batch, eval_stats=True)
-            finally:
-                probe.model.layers[i] = attention_layer
+            x = linear_layers[i](inputs[i], rope)
+            for layer in probe.model.layers[i + 1:]:
+                x = layer(x, rope)
+            out = distillation_sums(probe.model.norm(x), probe.lm_head.weight, targets, teacher_final,
+                                    teacher.lm_head.weight, chunk_tokens=4096)
             sums[i] += float(out["kd_sum"])
             bar.update(len(batch))
         count += float(out["count"])
     bar.close()
-    return (sums / max(count, 1)).tolist()
+    return (sums / max(count, 1.0)).tolist()
 
 
 @torch.no_grad()
