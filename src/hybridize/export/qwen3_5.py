@@ -136,7 +136,7 @@ def qwen3_5_to_hybrid_config(cfg_dict: dict) -> HybridConfig:
         raise HybridizeError("this qwen3_5_text config sets attn_output_gate false; hybridize always gates attention")
     try:
         q = Qwen3_5TextConfig.from_dict({k: v for k, v in cfg_dict.items() if k != "transformers_version"})
-    except Exception as e:  # noqa: BLE001 - transformers' strict-dataclass errors are not ValueErrors
+    except Exception as e:  # transformers' strict-dataclass errors are not ValueErrors
         raise HybridizeError(f"cannot read the qwen3_5_text config: {' '.join(str(e).split())}") from None
     kwargs = {k: getattr(q, k) for k in SHARED_FIELDS}
     kwargs["layer_types"] = list(q.layer_types)
@@ -239,7 +239,7 @@ def _read_hybrid(hybrid_dir) -> tuple[Path, dict, HybridConfig]:
         config.validate_architecture()
     except HybridizeError:
         raise
-    except Exception as e:  # noqa: BLE001 - transformers' strict-dataclass errors are not ValueErrors
+    except Exception as e:  # transformers' strict-dataclass errors are not ValueErrors
         raise HybridizeError(f"cannot read {config_file}: {' '.join(str(e).split())}") from None
     return folder, raw, config
 
@@ -261,7 +261,7 @@ def export_qwen3_5(hybrid_dir, out, force: bool = False, max_shard_bytes: int = 
     source = Source._from_folder(folder, config, "hybridize")  # headers only
     try:
         expected = _expected_specs(qdict)
-    except Exception as e:  # noqa: BLE001 - transformers' strict config validation: a value the format refuses
+    except Exception as e:  # transformers' strict config validation: a value the format refuses
         raise _refuse(" ".join(str(e).split())) from None
     _check_tensors(folder, _shapes(source), expected)
     specs = [(n, expected[n], source._where[n].dtype) for n in expected]

@@ -187,7 +187,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         try:  # collective: DCP reports any rank's failure on every rank
             writer = HuggingFaceStorageWriter(str(tmp / TENSORS), save_distributed=True)
             dcp.save({"model": tensors, "optim": {"state": optim_sd["state"]}}, storage_writer=writer)
-        except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported below, in one line
+        except (Exception, CheckpointException) as e:  # reported below, in one line
             error = e
         if error is None:
             try:
@@ -286,7 +286,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     state = {"model": tensors, "optim": {"state": optim_sd["state"]}}
     try:
         dcp.load(state, storage_reader=_CheckedReader(str(path / TENSORS)))
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a damaged or foreign checkpoint, in one line
+    except (Exception, CheckpointException) as e:  # a damaged or foreign checkpoint, in one line
         raise HybridizeError(f"cannot load checkpoint {path} ({_root_message(e)}); delete it to resume from the "
                              f"previous one") from None
     model_state = {**state["model"], **{alias: state["model"][kept] for alias, kept in aliases.items()}}

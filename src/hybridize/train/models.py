@@ -63,7 +63,7 @@ def check_student_folder(folder: str | Path) -> None:
         HybridConfig.from_pretrained(folder).validate_architecture()
     except HybridizeError:
         raise
-    except Exception as e:  # noqa: BLE001 - transformers' strict-dataclass errors and ours: a bad config.json
+    except Exception as e:  # transformers' strict-dataclass errors and ours: a bad config.json
         raise HybridizeError(f"{folder / 'config.json'} is not a valid hybrid config ({one_line(e, 200)})") from None
     safetensors_files(folder)
 
@@ -94,7 +94,7 @@ def load_language_model(source: str | Path, dtype: torch.dtype, progress: bool =
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
     except HybridizeError:
         raise
-    except Exception as e:  # noqa: BLE001 - reading the user's files: whatever fails is reported in one line
+    except Exception as e:  # reading the user's files: whatever fails is reported in one line
         raise HybridizeError(f"cannot load model {source}: {type(e).__name__}: {one_line(e)}") from None
     return model.eval()
 
@@ -138,7 +138,7 @@ def load_tokenizer(*sources: str | Path):
                 tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             else:
                 tokenizer = AutoTokenizer.from_pretrained(str(source))
-        except Exception:  # noqa: BLE001 - a broken or absent tokenizer: try the next source
+        except Exception:  # a broken or absent tokenizer: try the next source
             continue
         if len(tokenizer) > max(1, len(set(tokenizer.all_special_ids))):  # more than its special tokens
             return tokenizer

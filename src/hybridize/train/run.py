@@ -50,7 +50,7 @@ def _load_student(student_dir: Path) -> HybridForCausalLM:
     check_student_folder(student_dir)
     try:
         model = HybridForCausalLM.from_pretrained(student_dir, dtype=torch.float32, use_safetensors=True)
-    except Exception as e:  # noqa: BLE001 - reading the user's files: whatever fails is reported in one line
+    except Exception as e:  # reading the user's files: whatever fails is reported in one line
         raise HybridizeError(f"cannot load student {student_dir}: {type(e).__name__}: {one_line(e)}") from None
     return model
 

@@ -104,7 +104,7 @@ def config_from_dict(cfg: dict, where: str) -> tuple[PretrainedConfig, str]:
     kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
     try:
         config = AutoConfig.for_model(cfg["model_type"], **kwargs)
-    except Exception as e:  # noqa: BLE001 - see the docstring: a bad file, never a bug of ours
+    except Exception as e:  # see the docstring: a bad file, never a bug of ours
         message = f"{where} is not a valid {cfg['model_type']} config ({one_line(e, 200)}); fix it"
         raise HybridizeError(message) from None
     check_config_values(config, family, where)
@@ -228,7 +228,7 @@ def _gguf_config(path: Path) -> tuple[PretrainedConfig, str]:
 
     try:
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-    except Exception as e:  # noqa: BLE001 - gguf's parser fails on a truncated header with IndexError, struct errors..
+    except Exception as e:  # gguf's parser fails on a truncated header with IndexError, struct errors
         raise HybridizeError(f"cannot read GGUF file {path} (truncated or not GGUF?): {one_line(e)}") from None
     return config_from_dict(dict(parsed["config"]), str(path))
 
@@ -399,7 +399,7 @@ class Source:
         try:
             tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
             state = _gguf_state_dict(path, config)
-        except Exception as e:  # noqa: BLE001 - as in _gguf_config: a damaged file, whatever gguf raises
+        except Exception as e:  # as in _gguf_config: a damaged file, whatever gguf raises
             raise HybridizeError(f"cannot load GGUF file {path}: {one_line(e)}") from None
         if config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
