@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
+import threading
 
 from .errors import HybridizeError
+from .output import json_safe
 from .transfer.config import GATE_INIT_STRATEGIES
 from .transfer.convert import DTYPES
 
@@ -238,9 +242,12 @@ def cmd_export(args) -> int:
 
 def _float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):  # an inf learning rate turns every weight into NaN
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _count(text: str) -> int:
@@ -249,7 +256,7 @@ def _count(text: str) -> int:
     number = text[:-1] if scale > 1 else text
     try:
         value = int(float(number) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf
         raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 20000000 or 20M)") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
@@ -331,7 +338,10 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--stop-at", type=_positive_int, metavar="STEP",
                    help="end this invocation after STEP with a checkpoint, keeping the full schedule (for time-limited "
                    "jobs; --resume continues) [default: run to the end]")
-    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest checkpoint "
+                   "(from step 0 when it has none)")
+    p.add_argument("--override", action="store_true", help="with --resume: accept flags that change the schedule "
+                   "(--steps, --lr, --warmup, ...) from what the checkpoint was trained with [default: refuse]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (metrics still go to the files)")
     p.set_defaults(func=cmd_distill)
 
@@ -344,9 +354,9 @@ def cmd_distill(args) -> int:
 
     config = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
     summary = run_distill(args.teacher, args.student, args.data, args.out, config, eval_data=args.eval_data,
-                          resume=args.resume, progress=not args.no_progress)
+                          resume=args.resume, progress=not args.no_progress, override=args.override)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(json_safe(summary), indent=2, default=str))
     return 0
 
 
@@ -379,7 +389,7 @@ def cmd_eval(args) -> int:
 
     result = run_eval(args.model, args.data, teacher=args.teacher, seq_len=args.seq_len, max_tokens=args.max_tokens,
                       batch_size=args.batch_size, dtype=args.dtype, progress=not args.no_progress)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(json_safe(result), indent=2))
     return 0
 
 
@@ -629,6 +639,11 @@ def _os_message(e: OSError) -> str:
     return " ".join(str(e).split())
 
 
+def _interrupt(signum, frame):
+    """SIGTERM (a job scheduler, `kill`) ends a run like Ctrl-C: temporary outputs are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -637,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -649,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hybridize: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     print(f"hybridize: error: {message}", file=sys.stderr)
     return 2
 

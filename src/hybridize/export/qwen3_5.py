@@ -18,7 +18,7 @@ import torch
 from ..errors import HybridizeError
 from ..model.config import HybridConfig, layer_stats
 from ..model.modeling import HybridForCausalLM
-from ..output import TOKENIZER_FILES, atomic_output_folder, copy_side_files
+from ..output import TOKENIZER_FILES, atomic_output_folder, check_not_an_input, copy_side_files
 from ..transfer.safetensors_io import ShardedWriter
 from ..transfer.sources import Source
 
@@ -136,7 +136,7 @@ def qwen3_5_to_hybrid_config(cfg_dict: dict) -> HybridConfig:
         raise HybridizeError("this qwen3_5_text config sets attn_output_gate false; hybridize always gates attention")
     try:
         q = Qwen3_5TextConfig.from_dict({k: v for k, v in cfg_dict.items() if k != "transformers_version"})
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # transformers' strict-dataclass errors are not ValueErrors
         raise HybridizeError(f"cannot read the qwen3_5_text config: {' '.join(str(e).split())}") from None
     kwargs = {k: getattr(q, k) for k in SHARED_FIELDS}
     kwargs["layer_types"] = list(q.layer_types)
@@ -170,8 +170,8 @@ def _expected_specs(qdict: dict) -> dict[str, tuple[int, ...]]:
 
 
 def _shapes(source) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of a folder Source's tensors, from the safetensors headers (nothing is read)."""
-    return {n: tuple(e.shape) for n, e in source._where.items()}
+    """Name -> shape of a Source's tensors, from the safetensors headers (nothing is read)."""
+    return {n: tuple(source.spec(n)[0]) for n in source.names}
 
 
 def _check_tensors(folder: Path, have: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
@@ -190,19 +190,25 @@ def _check_tensors(folder: Path, have: dict[str, tuple[int, ...]], expected: dic
         raise HybridizeError(f"{folder}: tensor {n} has shape {list(have[n])}, the format needs {list(expected[n])}")
 
 
-def iter_qwen3_5_tensors(source, cfg: HybridConfig, dtype: torch.dtype | None = None
-                         ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Import: yield (name, tensor) of a qwen3_5_text checkpoint for HybridForCausalLM(cfg); `mtp.*` is skipped.
-
-    `source` is a `hybridize.transfer.sources.Source`. Names and conventions are identical, so this is a copy.
-    """
+def check_qwen3_5_source(source, cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
+    """Refuse a qwen3_5_text checkpoint whose tensors (names, shapes) are not what `cfg` builds; returns the
+    expected name -> shape map (`mtp.*` ignored). Headers only: called before any output exists."""
     with torch.device("meta"):
         model = HybridForCausalLM(cfg)
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     _check_tensors(Path(source.path), _shapes(source), expected, ignore_prefixes=("mtp.",))
-    for name in expected:
+    return expected
+
+
+def iter_qwen3_5_tensors(source, cfg: HybridConfig, dtype: torch.dtype | None = None
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Import: yield (name, tensor) of a qwen3_5_text checkpoint for HybridForCausalLM(cfg); `mtp.*` is skipped.
+
+    `source` is a `hybridize.transfer.sources.Source`. Names and conventions are identical, so this is a copy.
+    """
+    for name in check_qwen3_5_source(source, cfg):
         t = source.tensor(name)
         yield name, t if dtype is None else t.to(dtype)
 
@@ -221,7 +227,7 @@ def _read_hybrid(hybrid_dir) -> tuple[Path, dict, HybridConfig]:
         raise HybridizeError(f"{hybrid_dir} is not a model folder: no config.json")
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8, absurd nesting
         raise HybridizeError(f"{config_file} is not valid JSON: {e}") from None
     if not isinstance(raw, dict) or raw.get("model_type") != HybridConfig.model_type:
         got = raw.get("model_type") if isinstance(raw, dict) else None
@@ -230,7 +236,10 @@ def _read_hybrid(hybrid_dir) -> tuple[Path, dict, HybridConfig]:
         )
     try:
         config = HybridConfig.from_dict({k: v for k, v in raw.items() if k != "transformers_version"})
-    except (ValueError, TypeError, KeyError) as e:
+        config.validate_architecture()
+    except HybridizeError:
+        raise
+    except Exception as e:  # transformers' strict-dataclass errors are not ValueErrors
         raise HybridizeError(f"cannot read {config_file}: {' '.join(str(e).split())}") from None
     return folder, raw, config
 
@@ -245,16 +254,18 @@ def export_qwen3_5(hybrid_dir, out, force: bool = False, max_shard_bytes: int = 
     start = time.perf_counter()
     out = Path(out).expanduser().absolute()
     folder, raw, config = _read_hybrid(hybrid_dir)
+    check_not_an_input(out, [folder], what="OUT")  # resolved: `sub/../DIR` and symlinks are the folder too
     if out.exists() and not force:
         raise HybridizeError(f"{out} already exists; pass --force (force=True) to replace it")
-    if out == folder.absolute():
-        raise HybridizeError("OUT must differ from the hybrid folder")
     qdict = qwen3_5_config_dict(config, raw)  # refusals happen here, before any output
     source = Source._from_folder(folder, config, "hybridize")  # headers only
-    expected = _expected_specs(qdict)
+    try:
+        expected = _expected_specs(qdict)
+    except Exception as e:  # transformers' strict config validation: a value the format refuses
+        raise _refuse(" ".join(str(e).split())) from None
     _check_tensors(folder, _shapes(source), expected)
     specs = [(n, expected[n], source._where[n].dtype) for n in expected]
-    with atomic_output_folder(out, force) as tmp:
+    with atomic_output_folder(out, force, inputs=[folder]) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_bytes)
         for name, _, _ in specs:
             writer.write(name, source.tensor(name))
@@ -274,6 +285,7 @@ def export_qwen3_5(hybrid_dir, out, force: bool = False, max_shard_bytes: int = 
 
 __all__ = [
     "export_qwen3_5",
+    "check_qwen3_5_source",
     "iter_qwen3_5_tensors",
     "qwen3_5_config_dict",
     "qwen3_5_to_hybrid_config",

@@ -6,6 +6,8 @@ fields that format cannot express (`attention_qk_norm=False`, for sources withou
 
 from __future__ import annotations
 
+import math
+
 from transformers import PreTrainedConfig
 
 LINEAR = "linear_attention"
@@ -24,6 +26,92 @@ def layer_stats(layer_types: list[str]) -> dict[str, int]:
         "gated_attention_layers": layer_types.count(FULL),
         "total_layers": len(layer_types),
     }
+
+
+def _number(value, low: float, high: float) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and low < value <= high
+
+
+def check_rope_parameters(rope) -> None:
+    """Raise ValueError unless `rope` is a RoPE dict transformers can compute: a known rope_type, a positive
+    rope_theta, a partial_rotary_factor in (0, 1] and positive scaling numbers."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_parameters must be an object, got {rope!r}")
+    rope_type = rope.get("rope_type", "default")
+    if not isinstance(rope_type, str) or (rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS):
+        raise ValueError(f"unknown rope_type {rope_type!r}")
+    if not _number(rope.get("rope_theta"), 0, math.inf):
+        raise ValueError(f"rope_theta is {rope.get('rope_theta')!r}; it must be a positive number")
+    factor = rope.get("partial_rotary_factor", 1.0)
+    if not _number(factor, 0, 1):
+        raise ValueError(f"partial_rotary_factor is {factor!r}; it must lie in (0, 1]")
+    for key in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "beta_fast",
+                "beta_slow", "attention_factor"):
+        if key in rope and rope[key] is not None and not _number(rope[key], 0, math.inf):
+            raise ValueError(f"rope_parameters {key} is {rope[key]!r}; it must be a positive number")
+
+
+# Upper bound on depth: far above any real model, low enough that a typo (1e9 layers) fails at once.
+MAX_LAYERS = 10_000
+HYBRID_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "num_key_value_heads", "head_dim", "linear_conv_kernel_dim",
+                "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads")
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _token_id(value, vocab: int) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab)
+
+
+def check_config_fields(config, sizes: tuple[str, ...]) -> None:
+    """Raise ValueError (naming the field) for values a model cannot be built from: `sizes` that are not integers
+    >= 1, kv heads that do not divide the query heads, an unknown activation, a norm epsilon outside (0, 1), token
+    ids outside the vocabulary, RoPE parameters transformers cannot compute. Works on our config and on
+    transformers' Qwen3 / Llama / Qwen3.5 configs (same field names)."""
+    for name in sizes:
+        if not _count(getattr(config, name, None)):
+            raise ValueError(f"{name} is {getattr(config, name, None)!r}; it must be an integer >= 1")
+    if config.num_hidden_layers > MAX_LAYERS:
+        raise ValueError(f"num_hidden_layers is {config.num_hidden_layers}; it must be at most {MAX_LAYERS}")
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    if kv is not None and (not _count(kv) or heads % kv):
+        raise ValueError(f"num_key_value_heads is {kv!r}; it must be an integer >= 1 that divides "
+                         f"num_attention_heads ({heads})")
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None and config.hidden_size % heads:
+        raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads ({heads}) and "
+                         "no head_dim is given")
+    if head_dim is not None and not _count(head_dim):
+        raise ValueError(f"head_dim is {head_dim!r}; it must be an integer >= 1")
+    linear_k, linear_v = getattr(config, "linear_num_key_heads", None), getattr(config, "linear_num_value_heads", None)
+    if _count(linear_k) and _count(linear_v) and linear_v % linear_k:
+        raise ValueError(f"linear_num_value_heads ({linear_v}) must be a multiple of linear_num_key_heads "
+                         f"({linear_k})")
+    if not _number(getattr(config, "rms_norm_eps", None), 0, 1):
+        raise ValueError(f"rms_norm_eps is {getattr(config, 'rms_norm_eps', None)!r}; it must lie in (0, 1)")
+    from transformers.activations import ACT2FN
+
+    act = getattr(config, "hidden_act", None)
+    if not isinstance(act, str) or act not in ACT2FN:
+        raise ValueError(f"hidden_act is {act!r}; it must name an activation transformers knows (e.g. 'silu')")
+    for name in ("tie_word_embeddings", "attention_bias", "attention_qk_norm"):
+        if not isinstance(getattr(config, name, False), bool):
+            raise ValueError(f"{name} is {getattr(config, name)!r}; it must be true or false")
+    vocab = config.vocab_size
+    eos = getattr(config, "eos_token_id", None)
+    for name, value in (("pad_token_id", getattr(config, "pad_token_id", None)),
+                        ("bos_token_id", getattr(config, "bos_token_id", None)),
+                        *(("eos_token_id", e) for e in (eos if isinstance(eos, list) else [eos]))):
+        if not _token_id(value, vocab):
+            raise ValueError(f"{name} is {value!r}; it must be null or a token id in [0, {vocab})")
+    rope = getattr(config, "rope_parameters", None)
+    if rope is not None or isinstance(config, HybridConfig):
+        check_rope_parameters(rope)
 
 
 class HybridConfig(PreTrainedConfig):
@@ -95,15 +183,15 @@ class HybridConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Raise ValueError when the layer schedule or head layout cannot be built."""
+        check_config_fields(self, HYBRID_SIZES)
+        if not isinstance(self.layer_types, list):
+            raise ValueError(f"layer_types must be a list, got {self.layer_types!r}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
-        unknown = sorted(set(self.layer_types) - {LINEAR, FULL})
+        unknown = sorted({repr(t) for t in self.layer_types if t not in (LINEAR, FULL)})
         if unknown:
-            raise ValueError(f"unknown layer types {unknown}; use {LINEAR!r} or {FULL!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.linear_num_value_heads % self.linear_num_key_heads:
-            raise ValueError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+            raise ValueError(f"unknown layer types {', '.join(unknown)}; use {LINEAR!r} or {FULL!r}")
 
 
-__all__ = ["HybridConfig", "layer_stats", "layer_types_from_pattern", "LINEAR", "FULL"]
+__all__ = ["HybridConfig", "check_config_fields", "check_rope_parameters", "layer_stats", "layer_types_from_pattern",
+           "LINEAR", "FULL"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,6 +55,11 @@ class DistillConfig:
     stop_at: int | None = None
 
     def __post_init__(self):
+        floats = ("lr", "min_lr", "weight_decay", "clip", "temperature", "alpha", "align_weight")
+        for name in floats:  # inf passes `lr > 0`, and an inf learning rate turns every weight into NaN
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise HybridizeError(f"{name} must be a finite number, got {value!r}")
         checks = [
             (self.seq_len >= 2, "seq_len must be >= 2"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
@@ -100,6 +106,22 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Settings a resumed run keeps unless --override: they change the learning-rate schedule or the loss. The rest
+# (e.g. --stop-at, --save-every, --grad-accum, --grad-checkpointing) may change between invocations.
+SCHEDULE_FIELDS = ("steps", "tokens", "lr", "min_lr", "warmup", "weight_decay", "clip", "temperature", "alpha",
+                   "align_weight", "align_only", "dtype")
+# Settings a resumed run can never change: the data windows and their order, and the parameters the optimizer
+# state belongs to.
+FIXED_FIELDS = ("seq_len", "batch_size", "seed", "train")
+
+
+def schedule_changes(saved: dict, config: DistillConfig, fields: tuple[str, ...] = SCHEDULE_FIELDS) -> list[str]:
+    """`--flag old -> new` for every setting in `fields` that differs from the checkpoint's saved config."""
+    now = config.to_dict()
+    return [f"--{name.replace('_', '-')} {saved[name]} -> {now[name]}" for name in fields
+            if name in saved and saved[name] != now[name]]
 
 
 def as_distill_config(config: DistillConfig | CrossArchTransferConfig | None) -> DistillConfig:

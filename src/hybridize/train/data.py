@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import HybridizeError
+from ..output import remove_stale_temporaries
 
 PathLike = str | Path
 
@@ -181,6 +182,17 @@ def _iter_sources(paths: Iterable[PathLike]) -> Iterator[str | Path]:
         yield from _iter_path(path)
 
 
+def _holds_text(path: Path) -> bool:
+    if path.is_dir():
+        return _is_hf_dataset(path) or any(_holds_text(child) for child in _children(path))
+    return path.suffix.lower() != ".npy"
+
+
+def needs_tokenizer(paths: Iterable[PathLike]) -> bool:
+    """Whether any input is text (anything but pre-tokenized .npy arrays, which need no tokenizer at all)."""
+    return any(_holds_text(path) for path in _resolve(paths))
+
+
 def iter_documents(paths: list[PathLike]) -> Iterator[str]:
     """The non-empty text documents of `paths`, in a deterministic order (.npy token files are not documents)."""
     for item in _iter_sources(paths):
@@ -191,8 +203,8 @@ def iter_documents(paths: list[PathLike]) -> Iterator[str]:
 # ---------------------------------------------------------------------------------------------------------- tokenize
 
 
-def _load_npy_tokens(path: Path, vocab: int) -> np.ndarray:
-    """A pre-tokenized 1-D integer array, checked against the tokenizer's vocabulary."""
+def _load_npy_tokens(path: Path, vocab: int, whose: str = "tokenizer's") -> np.ndarray:
+    """A pre-tokenized 1-D integer array, checked against the vocabulary (the model's when known)."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -202,7 +214,7 @@ def _load_npy_tokens(path: Path, vocab: int) -> np.ndarray:
                              "array of token ids")
     if array.size and (int(array.min()) < 0 or int(array.max()) >= vocab):
         raise HybridizeError(f"{path} holds token ids in [{int(array.min())}, {int(array.max())}], outside the "
-                             f"tokenizer's vocabulary [0, {vocab}); was it tokenized with another tokenizer?")
+                             f"{whose} vocabulary [0, {vocab}); was it tokenized with another tokenizer?")
     return np.asarray(array, dtype=np.uint32)
 
 
@@ -217,12 +229,18 @@ def _encode(tokenizer, docs: list[str], eos_token_id: int) -> np.ndarray:
     return np.asarray(flat, dtype=np.uint32)
 
 
-def tokenize_corpus(paths: list[PathLike], tokenizer, eos_token_id: int, progress: bool = True) -> np.ndarray:
-    """The 1-D uint32 token stream of `paths`: documents packed back to back, each followed by EOS; .npy as is."""
-    vocab = len(tokenizer)
+def tokenize_corpus(paths: list[PathLike], tokenizer, eos_token_id: int | None, progress: bool = True,
+                    vocab_size: int | None = None) -> np.ndarray:
+    """The 1-D uint32 token stream of `paths`: documents packed back to back, each followed by EOS; .npy as is.
+
+    `vocab_size` (the model's) bounds every token id; None uses the tokenizer's size. `tokenizer` may be None when
+    every input is a pre-tokenized .npy array.
+    """
+    vocab = vocab_size if vocab_size is not None else len(tokenizer)
+    whose = "model's" if vocab_size is not None else "tokenizer's"
     assert vocab <= 2**32, "token ids must fit uint32"
-    if not 0 <= eos_token_id < vocab:
-        raise HybridizeError(f"the EOS token id {eos_token_id} is outside the tokenizer's vocabulary [0, {vocab})")
+    if tokenizer is not None and not (isinstance(eos_token_id, int) and 0 <= eos_token_id < vocab):
+        raise HybridizeError(f"the EOS token id {eos_token_id} is outside the vocabulary [0, {vocab})")
     chunks: list[np.ndarray] = []
     batch: list[str] = []
     total = 0
@@ -237,6 +255,9 @@ def tokenize_corpus(paths: list[PathLike], tokenizer, eos_token_id: int, progres
 
         for item in _iter_sources(paths):
             if isinstance(item, str):
+                if tokenizer is None:
+                    raise HybridizeError(f"the data includes text (e.g. {item[:40]!r}) but no tokenizer was given; "
+                                         f"pass only pre-tokenized .npy arrays, or a model folder with a tokenizer")
                 batch.append(item)
                 if len(batch) >= TOKENIZE_BATCH:
                     add(_encode(tokenizer, batch, eos_token_id), len(batch))
@@ -245,13 +266,17 @@ def tokenize_corpus(paths: list[PathLike], tokenizer, eos_token_id: int, progres
                 if batch:
                     add(_encode(tokenizer, batch, eos_token_id), len(batch))
                     batch = []
-                add(_load_npy_tokens(item, vocab), 0)
+                add(_load_npy_tokens(item, vocab, whose), 0)
         if batch:
             add(_encode(tokenizer, batch, eos_token_id), len(batch))
     if total == 0:
         names = ", ".join(str(p) for p in paths)
         raise HybridizeError(f"no text found in {names}: expected {SUPPORTED} with non-empty documents")
-    return np.concatenate(chunks)
+    stream = np.concatenate(chunks)
+    if int(stream.max()) >= vocab:  # a tokenizer larger than the model's embedding table
+        raise HybridizeError(f"the tokenizer produces token id {int(stream.max())}, outside the {whose} vocabulary "
+                             f"[0, {vocab}); use the tokenizer of the model being trained")
+    return stream
 
 
 # ------------------------------------------------------------------------------------------------------------- cache
@@ -272,7 +297,7 @@ def _tokenizer_digest(tokenizer) -> str | None:
     return hashlib.sha256(backend.to_str().encode()).hexdigest()
 
 
-def _fingerprint(paths: list[PathLike], tokenizer, eos_token_id: int) -> dict:
+def _fingerprint(paths: list[PathLike], tokenizer, eos_token_id: int | None, vocab_size: int | None = None) -> dict:
     """What the cached stream depends on: input files (size, mtime), tokenizer and EOS, and this code's format."""
     inputs = []
     for path in _resolve(paths):
@@ -283,10 +308,10 @@ def _fingerprint(paths: list[PathLike], tokenizer, eos_token_id: int) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "inputs": inputs,
-        "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
-        "tokenizer_sha256": _tokenizer_digest(tokenizer),
-        "vocab_size": len(tokenizer),
-        "eos_token_id": int(eos_token_id),
+        "tokenizer": None if tokenizer is None else str(getattr(tokenizer, "name_or_path", "")),
+        "tokenizer_sha256": None if tokenizer is None else _tokenizer_digest(tokenizer),
+        "vocab_size": vocab_size if vocab_size is not None else len(tokenizer),
+        "eos_token_id": None if eos_token_id is None else int(eos_token_id),
     }
 
 
@@ -313,17 +338,18 @@ def _load_cached(cache_dir: Path, fingerprint: dict) -> np.ndarray | None:
         return None
 
 
-def load_or_build_tokens(paths: list[PathLike], tokenizer, eos_token_id: int, cache_dir: Path | None,
-                         progress: bool = True) -> np.ndarray:
+def load_or_build_tokens(paths: list[PathLike], tokenizer, eos_token_id: int | None, cache_dir: Path | None,
+                         progress: bool = True, vocab_size: int | None = None) -> np.ndarray:
     """`tokenize_corpus`, cached in `cache_dir` (tokens.npy + tokens.json) and reused while nothing changed."""
     if cache_dir is None:
-        return tokenize_corpus(paths, tokenizer, eos_token_id, progress)
+        return tokenize_corpus(paths, tokenizer, eos_token_id, progress, vocab_size)
     cache_dir = Path(cache_dir).expanduser()
-    fingerprint = _fingerprint(paths, tokenizer, eos_token_id)
+    remove_stale_temporaries(cache_dir, files=True)  # `.tokens.npy.tmp-PID` of a killed run
+    fingerprint = _fingerprint(paths, tokenizer, eos_token_id, vocab_size)
     cached = _load_cached(cache_dir, fingerprint)
     if cached is not None:
         return cached
-    tokens = tokenize_corpus(paths, tokenizer, eos_token_id, progress)
+    tokens = tokenize_corpus(paths, tokenizer, eos_token_id, progress, vocab_size)
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / "tokens.json").unlink(missing_ok=True)  # first invalidate: a crash must not pair old json, new npy
     _replace_atomically(cache_dir / "tokens.npy", lambda f: np.save(f, tokens, allow_pickle=False))

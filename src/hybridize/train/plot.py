@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import HybridizeError
+from ..errors import HybridizeError, one_line
 from .trainer import EVAL_FILE, METRICS_FILE
 
 
@@ -16,9 +16,12 @@ def _records(path: Path) -> list[dict]:
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 raise HybridizeError(f"{path} line {i} is not JSON") from None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise HybridizeError(f"{path} line {i} is not a metrics record (an object with a step)")
+            out.append(record)
     return out
 
 
@@ -30,6 +33,9 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write loss (total, KD, CE), learning rate, gradient norm, throughput and eval curves; return the PNG path."""
     run_dir = Path(run_dir)
+    out = Path(out).expanduser() if out else run_dir / "curves.png"
+    if not out.parent.is_dir():  # before drawing; and the error names OUT, not a temporary file
+        raise HybridizeError(f"cannot write {out}: its folder {out.parent} does not exist")
     metrics = _records(run_dir / METRICS_FILE)
     if not metrics:
         raise HybridizeError(f"{run_dir} has no {METRICS_FILE}: is it a `hybridize distill --out` folder?")
@@ -68,9 +74,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     lr_ax.set_ylabel("learning rate")
     fig.suptitle(f"hybridize distill: {run_dir.name}")
     fig.tight_layout()
-    out = Path(out) if out else run_dir / "curves.png"
     tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise HybridizeError(f"cannot write {out}: {e.strerror or one_line(e)}") from None
+    finally:
+        plt.close(fig)
     return out

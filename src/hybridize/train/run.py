@@ -17,11 +17,19 @@ import torch.distributed as dist
 from ..errors import HybridizeError, one_line
 from ..model.modeling import HybridForCausalLM
 from ..ops.dispatch import note_if_slow_path
-from ..output import TOKENIZER_FILES
+from ..output import TOKENIZER_FILES, check_not_an_input
 from .config import DistillConfig
-from .data import PackedBatches, eval_windows, load_or_build_tokens
+from .data import PackedBatches, eval_windows, load_or_build_tokens, needs_tokenizer
 from .evaluate import evaluate
-from .models import check_pair, load_language_model, load_tokenizer, select_trainable, skeleton_language_model
+from .models import (
+    check_pair,
+    check_student_folder,
+    load_language_model,
+    load_tokenizer,
+    note_long_sequences,
+    select_trainable,
+    skeleton_language_model,
+)
 from .objective import DistillationObjective
 from .parallelize import init_distributed, shutdown_distributed
 from .trainer import DistillationTrainer, check_run_dir
@@ -38,12 +46,11 @@ def _stored_dtype(folder: Path) -> torch.dtype:
 
 
 def _load_student(student_dir: Path) -> HybridForCausalLM:
-    if not (student_dir / "config.json").is_file():
-        raise HybridizeError(f"{student_dir} is not a model folder (no config.json): pass a `hybridize convert` output")
+    check_student_folder(student_dir)
     try:
-        model = HybridForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise HybridizeError(f"cannot load student {student_dir}: {one_line(e)}") from None
+        model = HybridForCausalLM.from_pretrained(student_dir, dtype=torch.float32, use_safetensors=True)
+    except Exception as e:  # reading the user's files: whatever fails is reported in one line
+        raise HybridizeError(f"cannot load student {student_dir}: {type(e).__name__}: {one_line(e)}") from None
     return model
 
 
@@ -55,26 +62,46 @@ def _skeleton_student(student_dir: Path) -> HybridForCausalLM:
         return HybridForCausalLM(HybridConfig.from_pretrained(student_dir)).to(torch.float32)
 
 
-def _tokens(paths, tokenizer, cache_dir: Path | None, is_main: bool, progress: bool):
-    """Rank 0 tokenizes (or reuses the cache); the others wait, then read the cache."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
+def _tokens(paths, tokenizer, cache_dir: Path | None, is_main: bool, progress: bool, vocab_size: int):
+    """Rank 0 tokenizes (or reuses the cache); the others wait, then read the cache. `tokenizer` None: .npy only."""
+    eos = None if tokenizer is None else tokenizer.eos_token_id
+    if tokenizer is not None and eos is None:
         raise HybridizeError("the tokenizer has no EOS token to separate documents with")
     if is_main:
-        tokens = load_or_build_tokens(paths, tokenizer, eos, cache_dir, progress=progress)
+        tokens = load_or_build_tokens(paths, tokenizer, eos, cache_dir, progress=progress, vocab_size=vocab_size)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
         if not is_main:
-            tokens = load_or_build_tokens(paths, tokenizer, eos, cache_dir, progress=False)
+            tokens = load_or_build_tokens(paths, tokenizer, eos, cache_dir, progress=False, vocab_size=vocab_size)
     return tokens
 
 
+def _tokenizer(paths: list[str], *sources):
+    """The tokenizer for text data; None when every input is pre-tokenized (.npy), which needs none."""
+    return load_tokenizer(*sources) if needs_tokenizer(paths) else None
+
+
+def _check_outputs(run_dir: Path, inputs: list) -> None:
+    """RUN_DIR/final is replaced at the end of a run: it must not be (or hold) an input; and a run folder inside a
+    model folder would write checkpoints into it."""
+    check_not_an_input(run_dir / "final", inputs, what="RUN_DIR/final")
+    run = run_dir.resolve()
+    for given in inputs:
+        path = Path(given).expanduser().resolve()
+        if path.is_dir() and (run == path or path in run.parents):
+            raise HybridizeError(f"--out {run_dir} lies inside the model folder {given}; choose a run folder "
+                                 f"outside it")
+
+
 def run_distill(teacher: str, student: str, data: list[str], out: str, config: DistillConfig,
-                eval_data: list[str] | None = None, resume: bool = False, progress: bool = True) -> dict:
-    """The whole `hybridize distill` run; returns a summary (rank 0's view)."""
+                eval_data: list[str] | None = None, resume: bool = False, progress: bool = True,
+                override: bool = False) -> dict:
+    """The whole `hybridize distill` run; returns a summary (rank 0's view). `override`: see check_run_dir."""
     start = time.perf_counter()
     run_dir, student_dir = Path(out).expanduser().absolute(), Path(student).expanduser().absolute()
-    check_run_dir(run_dir, resume)  # before loading gigabytes
+    check_run_dir(run_dir, resume, config, override)  # before loading gigabytes
+    check_student_folder(student_dir)
+    _check_outputs(run_dir, [student_dir, teacher])
     for path in [*data, *(eval_data or [])]:
         if not Path(path).expanduser().exists():
             raise HybridizeError(f"data path {path} does not exist")
@@ -89,23 +116,25 @@ def run_distill(teacher: str, student: str, data: list[str], out: str, config: D
         teacher_dtype = config.compute_dtype(env.device.type)  # frozen: no float32 master copy needed
         if env.is_main:  # only rank 0 reads weights; the others get them by broadcast after sharding
             model = _load_student(student_dir)
-            teacher_model = load_language_model(teacher, teacher_dtype)
+            teacher_model = load_language_model(teacher, teacher_dtype, progress=progress)
+            note_long_sequences(model, config.seq_len, "student")
         else:
             model = _skeleton_student(student_dir)
             teacher_model = skeleton_language_model(teacher, teacher_dtype)
         trainable = select_trainable(model, config.train)
         trainer = DistillationTrainer(teacher_model, model, config)
-        tokenizer = load_tokenizer(student_dir, teacher)
+        tokenizer = _tokenizer([*data, *(eval_data or [])], student_dir, teacher)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-        tokens = _tokens(data, tokenizer, run_dir / "data", env.is_main, progress)
+        vocab = model.config.vocab_size
+        tokens = _tokens(data, tokenizer, run_dir / "data", env.is_main, progress, vocab)
         batches = PackedBatches(tokens, config.seq_len, config.batch_size, config.grad_accum, env.rank,
                                 env.world_size, config.seed)
         windows = None
         if eval_data:
-            eval_tokens = _tokens(eval_data, tokenizer, run_dir / "eval_data", env.is_main, progress)
+            eval_tokens = _tokens(eval_data, tokenizer, run_dir / "eval_data", env.is_main, progress, vocab)
             windows = eval_windows(eval_tokens, config.seq_len, config.eval_tokens)
-        last = trainer.fit(batches, run_dir, windows, resume=resume, progress=progress)
+        last = trainer.fit(batches, run_dir, windows, resume=resume, progress=progress, override=override)
         if trainer.finished:
             side_files = [student_dir / f for f in TOKENIZER_FILES if (student_dir / f).is_file()]
             trainer.save_final(run_dir / "final", save_dtype, side_files)
@@ -126,12 +155,13 @@ def run_eval(model: str, data: list[str], teacher: str | None = None, seq_len: i
             raise HybridizeError(f"data path {path} does not exist")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compute = DistillConfig(dtype=dtype).compute_dtype(device.type)
-    student = load_language_model(model, compute)
-    teacher_model = load_language_model(teacher, compute) if teacher else None
+    student = load_language_model(model, compute, progress=progress)
+    teacher_model = load_language_model(teacher, compute, progress=progress) if teacher else None
     if teacher_model is not None:
         check_pair(teacher_model, student, align=False)
-    tokenizer = load_tokenizer(model, *([teacher] if teacher else []))
-    tokens = _tokens(data, tokenizer, None, True, progress)
+    note_long_sequences(student, seq_len, "model")
+    tokenizer = _tokenizer(data, model, *([teacher] if teacher else []))
+    tokens = _tokens(data, tokenizer, None, True, progress, student.config.vocab_size)
     windows = eval_windows(tokens, seq_len, max_tokens)
     objective = DistillationObjective(student, teacher_model, chunk_tokens=chunk_tokens).to(device)
     result = evaluate(objective, windows, batch_size, progress=progress)

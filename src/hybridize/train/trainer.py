@@ -26,10 +26,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import HybridizeError
-from ..output import atomic_output_folder, copy_side_files
+from ..output import atomic_output_folder, copy_side_files, json_safe
 from ..transfer.config import CrossArchTransferConfig
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import DistillConfig, as_distill_config
+from .checkpoint import (
+    checkpoint_root,
+    latest_checkpoint,
+    load_checkpoint,
+    load_scheduler_state,
+    read_trainer_state,
+    remove_unfinished,
+    save_checkpoint,
+)
+from .config import FIXED_FIELDS, DistillConfig, as_distill_config, schedule_changes
 from .evaluate import evaluate
 from .losses import IGNORE_INDEX, next_token_targets
 from .models import check_pair
@@ -63,29 +71,75 @@ def _full_value(t: torch.Tensor) -> float:
 
 
 def _append_json(path: Path, record: dict) -> None:
+    """One strict-JSON line: NaN / inf become null (with the keys listed in "non_finite"), see output.json_safe."""
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines past `last_step`: a resumed run re-does those steps."""
+    """Drop log lines past `last_step`: a resumed run re-does those steps. A line a kill cut short is dropped too."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    kept = [line for line in lines if (step := _step_of(line)) is not None and step <= last_step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuse to mix two runs in one folder."""
+def _holds_run(run_dir: Path) -> bool:
+    """Whether a distill run was started in `run_dir` (even one that never saved a checkpoint)."""
+    return (run_dir / METRICS_FILE).exists() or checkpoint_root(run_dir).is_dir()
+
+
+def check_run_dir(run_dir: Path, resume: bool, config: DistillConfig | None = None, override: bool = False
+                  ) -> Path | None:
+    """The checkpoint to resume from (None: start at step 0); refuse to mix two runs in one folder.
+
+    `--resume` on a run without a complete checkpoint (killed before its first save, stopped by NaN steps with
+    --save-every 0, a failed save) restarts it from step 0 rather than leaving a folder nothing can continue. With
+    `config`, a resume whose schedule-changing settings differ from the checkpoint's is refused unless `override`.
+    """
     checkpoint = latest_checkpoint(run_dir)
-    if resume and checkpoint is None:
-        raise HybridizeError(f"nothing to resume: {run_dir} has no complete checkpoint")
-    if not resume and ((run_dir / METRICS_FILE).exists() or checkpoint is not None):
-        raise HybridizeError(f"{run_dir} already holds a run: pass --resume to continue it, or choose a new --out")
-    return checkpoint if resume else None
+    if not resume:
+        if _holds_run(run_dir):
+            again = " (it has no complete checkpoint, so it restarts from step 0)" if checkpoint is None else ""
+            raise HybridizeError(f"{run_dir} already holds a run: pass --resume to continue it{again}, or choose a "
+                                 f"new --out")
+        return None
+    if checkpoint is None:
+        if not _holds_run(run_dir):
+            raise HybridizeError(f"nothing to resume: {run_dir} holds no run; drop --resume to start one")
+        return None
+    if config is not None:
+        saved = read_trainer_state(checkpoint)["config"]
+        fixed = schedule_changes(saved, config, FIXED_FIELDS)
+        if fixed:
+            raise HybridizeError(f"--resume cannot change {'; '.join(fixed)} (the data order and the optimizer state "
+                                 f"depend on them); pass the values the run was started with")
+        changes = schedule_changes(saved, config)
+        if changes and not override:
+            raise HybridizeError(f"--resume with settings that change the run: {'; '.join(changes)}; pass the "
+                                 f"values the run was started with, or add --override to continue with the new ones")
+    return checkpoint
+
+
+def _any_rank(flag: bool, env: DistEnv | None) -> bool:
+    """Whether `flag` is set on any rank (all ranks then raise together; none waits at a barrier forever)."""
+    if env is None or not dist.is_initialized():
+        return flag
+    value = torch.tensor(float(flag), device=env.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 class StopSignals:
@@ -219,7 +273,7 @@ class DistillationTrainer:
         params = [p for p in self.student.parameters() if p.requires_grad]
         grad_norm = _full_value(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
         lr = self.scheduler.get_last_lr()[0]
-        ok = math.isfinite(loss) and math.isfinite(grad_norm)
+        ok = math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(lr)
         if ok:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -240,26 +294,31 @@ class DistillationTrainer:
                 "scheduler": self.scheduler.state_dict(), "config": self.config.to_dict()}
 
     def fit(self, batches, run_dir: str | Path, eval_windows: torch.Tensor | None = None, resume: bool = False,
-            progress: bool = True) -> dict:
+            progress: bool = True, override: bool = False) -> dict:
         """Train for `config.steps` / `config.tokens` / one epoch of `batches` (a train.data.PackedBatches built
         for this rank), or until `config.stop_at`. Returns the last step's metrics; `self.finished` tells whether
-        the schedule ran to its end."""
+        the schedule ran to its end. `override` accepts a resume whose schedule settings differ (check_run_dir)."""
         cfg, run_dir = self.config, Path(run_dir)
         total = cfg.total_steps(batches.num_windows)
         env = self.setup(total)
-        checkpoint = check_run_dir(run_dir, resume)  # every rank checks: all fail together
+        checkpoint = check_run_dir(run_dir, resume, cfg, override)  # every rank checks: all fail together
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            remove_unfinished(run_dir)
+            if resume and checkpoint is None:
+                print(f"hybridize: note: {run_dir} has no complete checkpoint; starting it again from step 0",
+                      file=sys.stderr)
         step, tokens, bad_steps = 0, 0, 0
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, self.student, self.optimizer, env.rank, env.device)
             batches.load_state_dict(state["data"])
             step, tokens, bad_steps = state["step"], state["tokens"], state["bad_steps"]
-            self.scheduler.load_state_dict(state["scheduler"])  # the lr itself came back with the optimizer
-            if env.is_main:
-                _truncate_log(run_dir / METRICS_FILE, step)
-                _truncate_log(run_dir / EVAL_FILE, step)
-        record: dict = {}
+            # the lr itself came back with the optimizer
+            load_scheduler_state(self.scheduler, state["scheduler"], checkpoint)
+        if env.is_main and resume:  # a resumed run re-does the steps after its checkpoint (all of them: none)
+            _truncate_log(run_dir / METRICS_FILE, step)
+            _truncate_log(run_dir / EVAL_FILE, step)
+        record: dict = {"step": step, "tokens": tokens}  # what a run that is already finished reports
         bar = tqdm(total=total, initial=step, unit="step", desc="distill", disable=not (progress and env.is_main))
         with StopSignals() as stop:
             end = total if cfg.stop_at is None else min(total, cfg.stop_at)
@@ -298,9 +357,13 @@ class DistillationTrainer:
             tqdm.write(f"step {record['step']}: non-finite loss or gradient, skipped ({bad_steps} so far)",
                        file=sys.stderr)
         if bad_steps >= self.config.max_bad_steps:
-            raise HybridizeError(
-                f"stopped: {bad_steps} steps had a non-finite loss or gradient; lower --lr or check the data "
-                f"(the last checkpoint in {run_dir / 'checkpoints'} is intact)")
+            last = latest_checkpoint(run_dir)
+            if last is None:
+                fix = ("no checkpoint was written yet; check the data, or restart from step 0 with a lower --lr and "
+                       "--resume")
+            else:
+                fix = f"check the data, or continue from {last.name} with a lower --lr and --resume --override"
+            raise HybridizeError(f"stopped: {bad_steps} steps had a non-finite loss or gradient; {fix}")
         return 1
 
     def _evaluate(self, run_dir: Path, step: int, windows: torch.Tensor, batch_size: int) -> None:
@@ -317,6 +380,11 @@ class DistillationTrainer:
 
         state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True,
                                                                             cpu_offload=True))
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if _any_rank(bool(bad), self.env):
+            raise HybridizeError(
+                f"the trained student has non-finite weights (e.g. {bad[0] if bad else 'on another rank'}), so {out} "
+                f"was not written; lower --lr and continue from an earlier checkpoint with --resume --override")
         if self.env is None or self.env.is_main:
             config = self.student.config
             with torch.device("meta"):

@@ -15,14 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import HybridizeError
-from ..export.qwen3_5 import iter_qwen3_5_tensors, qwen3_5_to_hybrid_config
+from ..export.qwen3_5 import check_qwen3_5_source, iter_qwen3_5_tensors, qwen3_5_to_hybrid_config
 from ..model.config import HybridConfig, layer_stats
 from ..model.modeling import HybridForCausalLM
-from ..output import atomic_output_folder, copy_side_files
+from ..output import atomic_output_folder, check_not_an_input, copy_side_files
 from .config import CrossArchTransferConfig, HybridAttentionConfig, hybrid_config_from_source
-from .mapping import iter_hybrid_tensors, required_source_tensors
+from .mapping import iter_hybrid_tensors, required_source_tensors, source_tensor_shapes
 from .safetensors_io import ShardedWriter
-from .sources import open_source
+from .sources import check_source_tensors, open_source
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -67,13 +67,17 @@ def _hybrid_tensors(source, cfg: HybridConfig, transfer: CrossArchTransferConfig
 
 
 def _check_complete(source, cfg: HybridConfig) -> None:
-    """Refuse a source that lacks tensors the transfer needs, before any output exists."""
+    """Refuse a source that lacks tensors the transfer needs, or whose tensors disagree with its config, before any
+    output exists."""
     if source.family == "qwen3_5_text":
-        return  # iter_qwen3_5_tensors checks names and shapes itself
+        check_qwen3_5_source(source, cfg)
+        check_source_tensors(source, None)
+        return
     missing = [n for n in required_source_tensors(cfg) if not source.has(n)]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise HybridizeError(f"{source.path} lacks tensors the conversion needs: {', '.join(missing[:3])}{more}")
+    check_source_tensors(source, source_tensor_shapes(cfg))
 
 
 def _meta_model(cfg: HybridConfig) -> HybridForCausalLM:
@@ -129,6 +133,7 @@ def convert_to_folder(source: str, output: str | Path, config: CrossArchTransfer
     start = time.perf_counter()
     transfer = _transfer_config(config)
     output = Path(output).expanduser().absolute()
+    check_not_an_input(output, [source])
     if output.exists() and not force:  # fail before reading a large source
         raise HybridizeError(f"{output} already exists; pass --force (force=True) to replace it")
     with open_source(source) as src:
@@ -138,7 +143,7 @@ def convert_to_folder(source: str, output: str | Path, config: CrossArchTransfer
         meta = _meta_model(cfg)
         specs = [(n, tuple(p.shape), dtype) for n, p in meta.state_dict().items()
                  if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
-        with atomic_output_folder(output, force) as tmp:
+        with atomic_output_folder(output, force, inputs=[source, src.path]) as tmp:
             writer = ShardedWriter(tmp, specs, max_shard_bytes)
             tensors = _hybrid_tensors(src, cfg, transfer, dtype)
             with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:

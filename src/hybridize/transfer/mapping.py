@@ -51,17 +51,30 @@ def _layer_tensors(source, cfg: HybridConfig, i: int, strategy: str, seed: int) 
     return out
 
 
+def source_tensor_shapes(cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every source tensor the transfer reads (HF Qwen3 / Llama layout), from the hybrid's config.
+
+    Checked against the checkpoint before anything is written: a config that disagrees with its tensors (another
+    intermediate_size, vocabulary or head count, a transposed matrix) must be refused, not reshaped into nonsense.
+    """
+    V, D, I = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size  # noqa: N806 - the usual letters
+    q, kv, d = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, D)
+    per_layer = {"input_layernorm": (D,), "post_attention_layernorm": (D,), "mlp.gate_proj": (I, D),
+                 "mlp.up_proj": (I, D), "mlp.down_proj": (D, I), "self_attn.q_proj": (q, D),
+                 "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D), "self_attn.o_proj": (D, q)}
+    if cfg.attention_qk_norm:
+        per_layer.update({"self_attn.q_norm": (d,), "self_attn.k_norm": (d,)})
+    for i in range(cfg.num_hidden_layers):
+        shapes.update({f"model.layers.{i}.{n}.weight": shape for n, shape in per_layer.items()})
+    return shapes
+
+
 def required_source_tensors(cfg: HybridConfig) -> list[str]:
     """Every source tensor the transfer reads, to check a checkpoint is complete before anything is written."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not cfg.tie_word_embeddings:
-        names.append("lm_head.weight")
-    per_layer = ["input_layernorm", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-                 "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-    if cfg.attention_qk_norm:
-        per_layer += ["self_attn.q_norm", "self_attn.k_norm"]
-    names += [f"model.layers.{i}.{n}.weight" for i in range(cfg.num_hidden_layers) for n in per_layer]
-    return names
+    return list(source_tensor_shapes(cfg))
 
 
 def iter_hybrid_tensors(source, cfg: HybridConfig, gate_init_strategy: str = "ones", seed: int = 0,

@@ -47,24 +47,53 @@ def read_header(path: str | Path) -> dict[str, TensorEntry]:
             raise ValueError("is truncated or not a safetensors file (bad header length)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, absurd nesting or numbers
             raise ValueError("is corrupt: its safetensors header is not valid JSON") from e
     if not isinstance(header, dict):
         raise ValueError("is corrupt: its safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    entries, data_len = {}, 0
+    metadata = header.pop("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError("is corrupt: its __metadata__ is not an object of strings")
+    entries, data_len = {}, size - 8 - n
     for name, info in header.items():
-        try:
-            dtype, shape, (b, e) = DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"is corrupt: bad header entry for tensor {name!r} (or unsupported dtype)") from None
+        dtype, shape, (b, e) = _check_entry(name, info)
         if e - b != _nbytes(shape, dtype):
             raise ValueError(f"is corrupt: tensor {name!r} has {e - b} bytes for shape {list(shape)}")
+        if e > data_len:
+            raise ValueError(f"is truncated: {size} bytes, tensor {name!r} needs {8 + n + e}")
         entries[name] = TensorEntry(path, dtype, shape, 8 + n + b, 8 + n + e)
-        data_len = max(data_len, e)
-    if size < 8 + n + data_len:
-        raise ValueError(f"is truncated: {size} bytes, its header needs {8 + n + data_len}")
+    # As the format requires (and the safetensors library checks): the tensors tile the data exactly, with no gap,
+    # overlap or trailing bytes, so no two names read the same bytes and every byte belongs to one tensor.
+    end = 8 + n
+    for entry in sorted(entries.values(), key=lambda t: (t.start, t.end)):
+        if entry.start != end:
+            raise ValueError("is corrupt: its tensors' data_offsets overlap or leave gaps")
+        end = entry.end
+    if end != size:
+        raise ValueError(f"is corrupt or truncated: its tensors cover {end} of its {size} bytes")
     return entries
+
+
+def _is_count(value) -> bool:
+    """A JSON integer >= 0 (not a bool, a float or a string that looks like one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_entry(name: str, info) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, data_offsets) of one header entry, or ValueError: a crafted header must not steer the reads
+    (negative or string offsets could point into the header, negative shapes could fake a byte count)."""
+    bad = f"is corrupt: bad header entry for tensor {name!r}"
+    if not isinstance(info, dict):
+        raise ValueError(f"{bad} (not an object)")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"{bad} (dtype {dtype!r} is not one of {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise ValueError(f"{bad} (shape {shape!r} is not a list of integers >= 0)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise ValueError(f"{bad} (data_offsets {offsets!r} are not two increasing integers >= 0)")
+    return DTYPES[dtype], tuple(shape), (offsets[0], offsets[1])
 
 
 def read_tensor(entry: TensorEntry) -> torch.Tensor:

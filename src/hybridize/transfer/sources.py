@@ -21,7 +21,7 @@ import torch
 from transformers import PretrainedConfig
 
 from ..errors import HybridizeError, one_line
-from ..output import TOKENIZER_FILES
+from ..output import GGUF_TMP_PREFIX, TOKENIZER_FILES, remove_stale_temporaries
 from .safetensors_io import TensorEntry, read_header, read_tensor
 
 SUPPORTED = (
@@ -64,6 +64,8 @@ def validate_config_dict(cfg: dict, where: str) -> str:
     model_type = cfg.get("model_type")
     if not model_type:
         raise HybridizeError(f"{where} has no model_type; supported: {SUPPORTED}")
+    if not isinstance(model_type, str):
+        raise HybridizeError(f"{where}: model_type must be a string, got {model_type!r}; supported: {SUPPORTED}")
     experts = [k for k in MOE_KEYS if isinstance(cfg.get(k), int) and cfg.get(k) > 0]
     if model_type in MOE_MODEL_TYPES or experts or "moe" in model_type:
         raise HybridizeError(
@@ -88,16 +90,56 @@ def validate_config_dict(cfg: dict, where: str) -> str:
 
 
 def config_from_dict(cfg: dict, where: str) -> tuple[PretrainedConfig, str]:
-    """Validate a config.json dict and build its transformers config class."""
+    """Validate a config.json dict and build its transformers config class.
+
+    transformers 5 validates configs as strict dataclasses and raises its own error types (StrictDataclass*Error,
+    TypeError, ZeroDivisionError for zero heads, ...); any of them means the file is wrong, so all become one line.
+    """
     from transformers import AutoConfig
 
     family = validate_config_dict(cfg, where)
+    for field in (*_SIZES, "num_key_value_heads", "head_dim"):  # before transformers divides by them
+        if field in cfg and cfg[field] is not None and not _positive_int(cfg[field]):
+            raise HybridizeError(f"{where}: {field} is {cfg[field]!r}, must be an integer >= 1; fix the config")
     kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
     try:
         config = AutoConfig.for_model(cfg["model_type"], **kwargs)
-    except (ValueError, TypeError, KeyError) as e:
-        raise HybridizeError(f"cannot read {where}: {one_line(e)}") from None
+    except Exception as e:  # see the docstring: a bad file, never a bug of ours
+        message = f"{where} is not a valid {cfg['model_type']} config ({one_line(e, 200)}); fix it"
+        raise HybridizeError(message) from None
+    check_config_values(config, family, where)
+    if family == "qwen3_5_text":  # imported as a hybrid: its schedule and head layout must build too
+        from ..export.qwen3_5 import qwen3_5_to_hybrid_config
+
+        try:
+            qwen3_5_to_hybrid_config(config).validate_architecture()
+        except ValueError as e:
+            raise HybridizeError(f"{where} is not a valid qwen3_5_text config ({one_line(e, 200)}); fix it") from None
     return config, family
+
+
+# Sizes a model is built from: the first six for every family, the rest for qwen3_5_text.
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "max_position_embeddings", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+          "linear_value_head_dim", "linear_conv_kernel_dim")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_config_values(config: PretrainedConfig, family: str, where: str) -> None:
+    """Refuse sizes, head layouts and constants a model cannot be built from, in one line naming the field.
+
+    transformers' own validation lets zero or negative sizes, kv heads that do not divide the query heads, or an
+    out-of-range pad token through; those would fail later (or convert to an empty model) with a traceback.
+    """
+    from ..model.config import check_config_fields
+
+    try:
+        check_config_fields(config, _SIZES if family == "qwen3_5_text" else _SIZES[:6])
+    except ValueError as e:
+        raise HybridizeError(f"{where}: {e}; fix the config") from None
 
 
 def _load_json(path: Path, what: str) -> dict:
@@ -106,6 +148,8 @@ def _load_json(path: Path, what: str) -> dict:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise HybridizeError(f"{what} {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, absurd nesting or numbers
+        raise HybridizeError(f"{what} {path} is not valid JSON: {one_line(e, 120)}") from None
     except OSError as e:
         raise HybridizeError(f"cannot read {what} {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
@@ -184,8 +228,8 @@ def _gguf_config(path: Path) -> tuple[PretrainedConfig, str]:
 
     try:
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-    except (ValueError, KeyError, OSError) as e:
-        raise HybridizeError(f"cannot read GGUF file {path}: {one_line(e)}") from None
+    except Exception as e:  # gguf's parser fails on a truncated header with IndexError, struct errors
+        raise HybridizeError(f"cannot read GGUF file {path} (truncated or not GGUF?): {one_line(e)}") from None
     return config_from_dict(dict(parsed["config"]), str(path))
 
 
@@ -249,6 +293,65 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
         raise HybridizeError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _inside(name) -> bool:
+    """Whether an index entry names a file inside the model folder: relative, no `..`. Checked on the text, not
+    the resolved path, because hub snapshots are symlinks into the cache's blob folder (outside the snapshot)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return False
+    parts = Path(name).parts
+    return not Path(name).is_absolute() and ".." not in parts and not name.startswith("~")
+
+
+def index_weight_map(folder: Path) -> dict[str, str] | None:
+    """The validated weight_map of `folder`'s model.safetensors.index.json (None without an index).
+
+    Every shard must be a file inside the folder: a crafted index must not pull `../x.safetensors` or an absolute
+    path into a conversion or a training run.
+    """
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return None
+    weight_map = _load_json(index, "index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise HybridizeError(f"{index} has no weight_map")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise HybridizeError(f"{index}: the weight_map entry for {name!r} is {shard!r}, not a file name")
+        if not _inside(shard):
+            raise HybridizeError(f"{index} places {name!r} in {shard!r}, outside the model folder; shard paths must "
+                                 f"be file names inside {folder}")
+    missing = sorted(s for s in set(weight_map.values()) if not (folder / s).is_file())
+    if missing:
+        raise HybridizeError(f"{folder} is missing weight shard(s) named by its index: {', '.join(missing)}")
+    return weight_map
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files that hold `folder`'s weights (validated index, model.safetensors or *.safetensors).
+
+    A folder with only pickles (pytorch_model.bin) is refused: hybridize never loads pickles, for sources, students
+    and evaluated models alike.
+    """
+    weight_map = index_weight_map(folder)
+    if weight_map is not None:
+        return [folder / s for s in sorted(set(weight_map.values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    others = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if others:
+        return others
+    if any((folder / p).exists() for p in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise HybridizeError(
+            f"{folder} has only pytorch_model.bin: hybridize never loads pickles; convert to safetensors "
+            f"with transformers (AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)) "
+            f"in an environment you trust"
+        )
+    raise HybridizeError(f"{folder} has no weights: no model.safetensors or model.safetensors.index.json")
+
+
 class Source:
     """Lazy, read-only access to a source model's tensors by their Hugging Face names.
 
@@ -269,37 +372,18 @@ class Source:
     # -- building
     @classmethod
     def _from_folder(cls, folder: Path, config: PretrainedConfig, family: str) -> Source:
-        index = folder / "model.safetensors.index.json"
-        single = folder / "model.safetensors"
-        where: dict[str, Path] = {}
-        if index.is_file():
-            weight_map = _load_json(index, "index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise HybridizeError(f"{index} has no weight_map")
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise HybridizeError(f"{folder} is missing weight shard(s) named by its index: {', '.join(missing)}")
-            headers = {s: read_safetensors_header(folder / s) for s in shards}
+        where: dict[str, TensorEntry] = {}
+        weight_map = index_weight_map(folder)
+        if weight_map is not None:
+            index = folder / INDEX_FILE
+            headers = {s: read_safetensors_header(folder / s) for s in sorted(set(weight_map.values()))}
             for name, shard in weight_map.items():
                 if name not in headers[shard]:
                     raise HybridizeError(f"{folder / shard} lacks tensor {name!r} that {index.name} places there")
                 where[name] = headers[shard][name]
-        elif single.is_file():
-            where = read_safetensors_header(single)
         else:
-            others = sorted(p.name for p in folder.glob("*.safetensors"))
-            if others:
-                for shard in others:
-                    where.update(read_safetensors_header(folder / shard))
-            elif any((folder / p).exists() for p in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-                raise HybridizeError(
-                    f"{folder} has only pytorch_model.bin: hybridize never loads pickles; convert to safetensors "
-                    f"with transformers (AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)) "
-                    f"in an environment you trust"
-                )
-            else:
-                raise HybridizeError(f"{folder} has no weights: no model.safetensors or model.safetensors.index.json")
+            for shard in safetensors_files(folder):
+                where.update(read_safetensors_header(shard))
         src = cls(config, family, folder, [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()])
         src._where = where
         if "model.embed_tokens.weight" not in where and not any(n.endswith("embed_tokens.weight") for n in where):
@@ -315,13 +399,18 @@ class Source:
         try:
             tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
             state = _gguf_state_dict(path, config)
-        except (ValueError, KeyError, OSError, RuntimeError) as e:
+        except Exception as e:  # as in _gguf_config: a damaged file, whatever gguf raises
             raise HybridizeError(f"cannot load GGUF file {path}: {one_line(e)}") from None
         if config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        tmpdir = tempfile.mkdtemp(prefix="hybridize-gguf-")
-        tokenizer.save_pretrained(tmpdir)
-        GenerationConfig.from_model_config(config).save_pretrained(tmpdir)
+        remove_stale_temporaries(Path(tempfile.gettempdir()))  # left by conversions killed with kill -9
+        tmpdir = tempfile.mkdtemp(prefix=f"{GGUF_TMP_PREFIX}{os.getpid()}-")
+        try:
+            tokenizer.save_pretrained(tmpdir)
+            GenerationConfig.from_model_config(config).save_pretrained(tmpdir)
+        except BaseException:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
         src = cls(config, family, path, [Path(tmpdir) / f for f in TOKENIZER_FILES if (Path(tmpdir) / f).is_file()])
         src._state, src._tmpdir = state, tmpdir
         return src
@@ -333,6 +422,14 @@ class Source:
 
     def has(self, name: str) -> bool:
         return name in (self._state if self._state is not None else self._where)
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of a stored tensor without reading it (for checks before anything is written)."""
+        if self._state is not None:
+            t = self._state[name]
+            return tuple(t.shape), t.dtype
+        entry = self._where[name]
+        return entry.shape, entry.dtype
 
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor (CPU, stored dtype). Raises KeyError for an unknown name."""
@@ -362,6 +459,22 @@ class Source:
     def __repr__(self) -> str:
         n = len(self._state if self._state is not None else self._where)
         return f"Source({str(self.path)!r}, family={self.family!r}, tensors={n})"
+
+
+def check_source_tensors(source: Source, shapes: dict[str, tuple[int, ...]] | None) -> None:
+    """Refuse stored tensors whose shape differs from `shapes` (name -> shape the config implies) or that are not
+    floating point (None: check every tensor's dtype only). Reads headers only; the message names the tensor."""
+    for name in source.names if shapes is None else shapes:
+        shape, dtype = source.spec(name)
+        if shapes is not None and tuple(shape) != tuple(shapes[name]):
+            raise HybridizeError(
+                f"{source.path}: tensor {name} is stored with shape {list(shape)} but the config implies "
+                f"{list(shapes[name])}; the config and the weights disagree (edited config.json, or another model's "
+                f"weights?)"
+            )
+        if not dtype.is_floating_point:
+            raise HybridizeError(f"{source.path}: tensor {name} is stored as {str(dtype).removeprefix('torch.')}; "
+                                 f"weights must be floating point")
 
 
 def open_source(source: str | Path) -> Source:
