@@ -85,7 +85,7 @@ def kl_scores(source: str, windows: torch.Tensor, cfg: SelectConfig, transfer: C
     from .convert import create_hybrid_from_qwen3
 
     dtype = getattr(torch, cfg.dtype)
-    teacher = load_language_model(source, dtype)
+    teacher = load_language_model(source, dtype, progress=progress)
     num_layers = teacher.config.num_hidden_layers
     as_attention = replace(transfer, hybrid_attention=HybridAttentionConfig(attention_layers=list(range(num_layers))))
     as_linear = replace(transfer, hybrid_attention=HybridAttentionConfig(attention_layers=[]))
@@ -118,7 +118,7 @@ def proxy_scores(source: str, windows: torch.Tensor, cfg: SelectConfig, progress
     """Per layer, the teacher's share of attention probability on keys more than `cfg.window` tokens back."""
     from ..train.models import load_language_model
 
-    teacher = load_language_model(source, getattr(torch, cfg.dtype))
+    teacher = load_language_model(source, getattr(torch, cfg.dtype), progress=progress)
     teacher.set_attn_implementation("eager")  # attention weights are only returned by the eager path
     T = windows.shape[1]
     far = (torch.arange(T)[:, None] - torch.arange(T)[None, :]) > cfg.window  # (query, key)
