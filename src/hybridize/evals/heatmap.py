@@ -40,7 +40,7 @@ def plot_longctx(path: str | Path, out: str | Path | None = None) -> Path:
     variants = list(result["results"])
     lengths, depths = result["lengths"], result["depths"]
     size = (2.2 + 0.9 * len(lengths) * len(roles), 0.8 + 0.45 * len(depths) * len(variants))
-    fig, axes = plt.subplots(len(variants), len(roles), squeeze=False, figsize=size)
+    fig, axes = plt.subplots(len(variants), len(roles), squeeze=False, figsize=size, layout="constrained")
     image = None
     for row, variant in enumerate(variants):
         for col, role in enumerate(roles):
