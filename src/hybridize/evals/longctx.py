@@ -285,7 +285,7 @@ class TaskBuilder:
             return len(self._encode(text, not self.chat)), (text, at, context, spans)
 
         # The largest m (filler words) whose prompt fits: steps from the measured tokens per word, then regula falsi
-        # inside the bracket [lo fits, hi does not]. Each step moves lo or hi, so it ends; ~4 tokenizations a sample.
+        # inside the bracket [lo fits, hi does not]. Each step moves lo or hi, so it ends (a few tokenizations).
         base, built = build(0)
         if base > length:
             raise HybridizeError(f"a {variant} prompt needs {base} tokens before any filler; length {length} is too "
@@ -312,9 +312,12 @@ class TaskBuilder:
 
 
 def make_samples(builder: TaskBuilder, variants: Sequence[str], lengths: Sequence[int], depths: Sequence[int],
-                 trials: int) -> list[Sample]:
+                 trials: int, progress: bool = False) -> list[Sample]:
     """Every (variant, length, depth, trial) sample, in that nesting order."""
-    return [builder.sample(v, n, d, t) for v in variants for n in lengths for d in depths for t in range(trials)]
+    from tqdm.auto import tqdm
+
+    cells = [(v, n, d, t) for v in variants for n in lengths for d in depths for t in range(trials)]
+    return [builder.sample(*cell) for cell in tqdm(cells, desc="prompts", unit="prompt", disable=not progress)]
 
 
 # ----------------------------------------------------------------------------------------------------------- scoring

@@ -116,7 +116,8 @@ def run_longctx(model: str, config: LongContextConfig, teacher: str | None = Non
     chat = config.prompt == "chat"
     limits = {role: _warn_beyond_positions(role, sources[role], m, config.lengths) for role, m in models.items()}
     builder = TaskBuilder(tokenizer, filler, chat, config.seed)
-    samples = make_samples(builder, config.variant_names, config.lengths, config.depths, config.trials)
+    samples = make_samples(builder, config.variant_names, config.lengths, config.depths, config.trials,
+                           progress)
 
     outputs: dict[str, list[str]] = {}
     with tqdm(total=len(samples) * len(models), desc=config.task, unit="prompt", disable=not progress) as bar:
