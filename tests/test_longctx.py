@@ -330,6 +330,15 @@ def test_cli_niah_on_a_deltanet_hybrid_runs_generate(pair, tmp_path, capsys):
     assert capsys.readouterr().out.count("accuracy (model)") == 4
 
 
+def test_cli_json_to_stdout_moves_the_table_to_stderr(pair, capsys):
+    assert main(["eval", str(pair / "hybrid"), "--task", "passkey", "--lengths", "200", "--depths", "30",
+                 "--trials", "1", "--seed", "5", "--json", "-", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["config"]["seed"] == 5 and result["results"]["passkey"]["model"]["accuracy"] in ([[0.0]], [[1.0]])
+    assert captured.err.startswith("passkey: accuracy (model), 1 trial a cell")
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [

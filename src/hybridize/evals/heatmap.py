@@ -59,8 +59,8 @@ def plot_longctx(path: str | Path, out: str | Path | None = None) -> Path:
             ax.set_xlabel("prompt length (tokens)", fontsize=8)
             ax.set_ylabel("needle depth", fontsize=8)
     fig.colorbar(image, ax=axes, label="accuracy", shrink=0.8)
-    fig.suptitle(f"hybridize eval --task {result.get('task', '?')}: accuracy (%), {result.get('trials', '?')} "
-                 "trials a cell", fontsize=10)
+    fig.suptitle(f"hybridize eval --task {result.get('task', '?')}: accuracy (%), trials a cell: "
+                 f"{result.get('trials', '?')}", fontsize=10)
     out = Path(out) if out else path.with_suffix(".png")
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")

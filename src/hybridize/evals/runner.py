@@ -150,8 +150,9 @@ def format_table(result: dict) -> str:
     roles = [r for r in ("model", "teacher") if result.get(r)]
     lines = []
     for variant, by_role in result["results"].items():
-        lines.append(f"{variant}: accuracy ({' / '.join(roles)}), {result['trials']} trials a cell, "
-                     f"rows = length in tokens, columns = depth %")
+        trials = f"{result['trials']} trial{'s' if result['trials'] != 1 else ''}"
+        lines.append(f"{variant}: accuracy ({' / '.join(roles)}), {trials} a cell, rows = length in tokens, "
+                     "columns = depth %")
         header = ["length"] + [f"{d}%" for d in result["depths"]] + ["mean"]
         rows = []
         for i, n in enumerate(result["lengths"]):
