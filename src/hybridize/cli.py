@@ -6,7 +6,8 @@
     hybridize distill --teacher SOURCE --student HYBRID_DIR --data PATH [PATH ...] --out RUN_DIR [...]
     torchrun --nproc-per-node N -m hybridize distill ...      (the same run sharded over N GPUs)
     hybridize eval MODEL --data PATH [--teacher SOURCE] [--seq-len N] [--max-tokens N]
-    hybridize plot RUN_DIR
+    hybridize eval MODEL --task passkey|niah [--teacher SOURCE] [--lengths 1k,2k,4k,8k] [--depths 0,50,100] [...]
+    hybridize plot RUN_DIR | EVAL.json
     hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|proxy]
     hybridize bench --train [--shape qwen3-8b|smollm2|tiny] [--seq-len N] [--gpus N] [--json FILE]
     hybridize corpus OUT [--sources NAME ...] [--holdout NAME] [--val-fraction 0.01] [--max-mb-per-source N] [--list]
@@ -363,17 +364,61 @@ def cmd_distill(args) -> int:
 # ---------------------------------------------------------------------------------------------------------- eval
 
 
+def _lengths(text: str) -> list[int]:
+    """'1k,2k,4096' -> [1024, 2048, 4096] (k = 1024 tokens)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        scale = 1024 if part.endswith("k") else 1
+        try:
+            value = int(float(part.removesuffix("k")) * scale)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token counts such as "
+                                             "1k,2k,4096") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"token counts must be >= 1, got {part}")
+        out.append(value)
+    return out
+
+
+def _depths(text: str) -> list[int]:
+    """'0,50,100' -> [0, 50, 100]: whole percentages."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of percentages such as 0,50,100") \
+            from None
+    if not all(0 <= v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"depths are percentages in [0, 100], got {text}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def add_eval_parser(sub) -> None:
+    from .evals.longctx import TASKS
+    from .evals.runner import PROMPT_FORMATS, LongContextConfig
+
+    lc = LongContextConfig()
     p = sub.add_parser(
         "eval",
-        help="perplexity on held-out text; with --teacher also KL to the teacher and greedy agreement",
+        help="perplexity on held-out text (with --teacher also KL and greedy agreement), or long-context retrieval "
+        "accuracy with --task",
         description="Evaluate MODEL on the first --max-tokens tokens of --data (in order, packed with EOS "
         "separators into --seq-len windows) and print JSON: perplexity; with --teacher also the teacher's "
-        "perplexity, the per-token KL(teacher || model) and the share of positions whose argmax equals the teacher's.",
+        "perplexity, the per-token KL(teacher || model) and the share of positions whose argmax equals the teacher's. "
+        "With --task instead: synthetic long-context prompts (passkey, or RULER-style needles in a haystack) of "
+        "--lengths tokens made of real filler text, answered by greedy generation and scored by exact match; prints "
+        "the accuracy per length and depth (of MODEL / of the teacher) as a table, and the full result as JSON to "
+        "--json.",
     )
     p.add_argument("model", metavar="MODEL", help="a hybridize folder, or any source `convert` reads (folder, hub "
                    "id, .gguf)")
-    p.add_argument("--data", required=True, nargs="+", metavar="PATH", help="text in any format `distill` reads")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="text in any format `distill` reads: the held-out text "
+                   "(required without --task); with --task the filler the prompts are made of [default with --task: "
+                   "built-in public-domain prose, Thoreau's Walden]")
     p.add_argument("--teacher", metavar="SOURCE", help="compare against this model (same vocabulary)")
     p.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per window [default: 2048]")
     p.add_argument("--max-tokens", type=_count, default=262_144, help="tokens to evaluate [default: 262144]")
@@ -381,10 +426,40 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="auto = bfloat16 on CUDA, float32 on CPU [default: auto]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("long-context tasks")
+    g.add_argument("--task", choices=list(TASKS), help="passkey = a 5-digit pass key hidden in the filler; niah = "
+                   "RULER's needle variants: single needle, multiple keys (one asked), multiple values (all asked), "
+                   "variable tracking [default: perplexity instead]")
+    niah = ",".join(TASKS["niah"])
+    g.add_argument("--variants", type=_names, metavar="V,..", help=f"the niah variants to run, from {niah} "
+                   f"[default: all]")
+    g.add_argument("--lengths", type=_lengths, metavar="N,..", help="prompt lengths in tokens of MODEL's tokenizer, "
+                   f"k = 1024 [default: {','.join(f'{n // 1024}k' for n in lc.lengths)}]")
+    g.add_argument("--depths", type=_depths, metavar="D,..", help="needle depths, percent of the filler before "
+                   f"the needle [default: {','.join(map(str, lc.depths))}]")
+    g.add_argument("--trials", type=_positive_int, help=f"prompts per length and depth [default: {lc.trials}]")
+    g.add_argument("--seed", type=_int, help="seed of every random choice (filler position, keys, values, other "
+                   f"needles' depths): the same seed gives the same prompts [default: {lc.seed}]")
+    g.add_argument("--prompt", choices=PROMPT_FORMATS, help="plain = a completion prompt ending in 'Answer: The pass "
+                   "key is'; chat = the same question in the tokenizer's chat template, the answer's start in the "
+                   f"assistant turn [default: {lc.prompt}]")
+    g.add_argument("--json", metavar="FILE", help="write the full result (accuracy grids, every prompt's answer and "
+                   "output) as JSON to FILE, for `hybridize plot FILE`; '-' = stdout (the table then goes to stderr) "
+                   "[default: table only]")
     p.set_defaults(func=cmd_eval)
 
 
+_LONGCTX_FLAGS = ("variants", "lengths", "depths", "trials", "seed", "prompt", "json")
+
+
 def cmd_eval(args) -> int:
+    if args.task:
+        return _cmd_eval_task(args)
+    given = [f"--{f}" for f in _LONGCTX_FLAGS if getattr(args, f) is not None]
+    if given:
+        raise HybridizeError(f"{', '.join(given)} only apply to long-context tasks: add --task passkey|niah")
+    if not args.data:
+        raise HybridizeError("eval needs --data PATH (held-out text for perplexity), or --task passkey|niah")
     from .train.run import run_eval
 
     result = run_eval(args.model, args.data, teacher=args.teacher, seq_len=args.seq_len, max_tokens=args.max_tokens,
@@ -393,21 +468,54 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_eval_task(args) -> int:
+    from dataclasses import fields
+
+    from .evals.runner import LongContextConfig, format_table, run_longctx
+
+    if args.variants is not None and args.task != "niah":
+        raise HybridizeError("--variants applies to --task niah")
+    given = {f.name: getattr(args, f.name) for f in fields(LongContextConfig) if getattr(args, f.name) is not None}
+    config = LongContextConfig(**given)
+    result = run_longctx(args.model, config, teacher=args.teacher, progress=not args.no_progress)
+    table = format_table(result)
+    if args.json == "-":
+        print(json.dumps(result, indent=1))
+        print(table, end="", file=sys.stderr)
+        return 0
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(table, end="")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- plot
 
 
 def add_plot_parser(sub) -> None:
-    p = sub.add_parser("plot", help="draw a distill run's loss curves as a PNG",
-                       description="Read RUN_DIR/metrics.jsonl (and eval.jsonl) and write the curves as a PNG.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a `hybridize distill --out` folder")
-    p.add_argument("--out", metavar="PNG", help="where to write the image [default: RUN_DIR/curves.png]")
+    p = sub.add_parser("plot", help="draw a distill run's loss curves, or an `eval --task` result's heat maps "
+                       "(PNG)", description="For a run folder: read RUN_DIR/metrics.jsonl (and eval.jsonl) and draw "
+                       "the curves. For the JSON file of `hybridize eval --task ... --json`: draw the accuracy heat "
+                       "maps (needle depth x prompt length), per variant, for the model and its teacher.")
+    p.add_argument("path", metavar="RUN_DIR|EVAL.json", help="a `hybridize distill --out` folder or a "
+                   "`hybridize eval --task ... --json` file")
+    p.add_argument("--out", metavar="PNG", help="where to write the image [default: RUN_DIR/curves.png, or the "
+                   "JSON's path with .png]")
     p.set_defaults(func=cmd_plot)
 
 
 def cmd_plot(args) -> int:
+    from pathlib import Path
+
+    if Path(args.path).is_file():
+        from .evals.heatmap import plot_longctx
+
+        print(plot_longctx(args.path, args.out))
+        return 0
     from .train.plot import plot_run
 
-    print(plot_run(args.run_dir, args.out))
+    print(plot_run(args.path, args.out))
     return 0
 
 
