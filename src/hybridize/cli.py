@@ -8,6 +8,7 @@
     hybridize eval MODEL --data PATH [--teacher SOURCE] [--seq-len N] [--max-tokens N]
     hybridize eval MODEL --task passkey|niah [--teacher SOURCE] [--lengths 1k,2k,4k,8k] [--depths 0,50,100] [...]
     hybridize plot RUN_DIR | EVAL.json
+    hybridize heal SOURCE OUT --data PATH [PATH ...] [--tokens 50M] [--eval-data PATH ...] [--resume]
     hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|proxy]
     hybridize bench --train [--shape qwen3-8b|smollm2|tiny] [--seq-len N] [--gpus N] [--json FILE]
     hybridize corpus OUT [--sources NAME ...] [--holdout NAME] [--val-fraction 0.01] [--max-mb-per-source N] [--list]
@@ -80,30 +81,8 @@ def _int(text: str) -> int:
 # ------------------------------------------------------------------------------------------------------- convert
 
 
-def add_convert_parser(sub) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="convert a Qwen3 / Llama-family model into a Gated DeltaNet + gated-attention hybrid",
-        description=(
-            "Convert a pretrained Qwen3 / Llama-family model into a Gated DeltaNet + gated-attention hybrid by "
-            "transferring its weights, and write it as a Hugging Face model folder (safetensors, config, tokenizer). "
-            "Layer i becomes Gated DeltaNet when i % PERIOD is in PATTERN; the other layers stay softmax attention "
-            "with a sigmoid output gate."
-        ),
-    )
-    p.add_argument(
-        "source",
-        metavar="SOURCE",
-        help="the model to convert: a local folder (config.json + *.safetensors), a .gguf file, or a Hugging Face "
-        "hub id such as Qwen/Qwen3-8B",
-    )
-    p.add_argument(
-        "output",
-        metavar="OUTPUT",
-        nargs="?",
-        help="folder to write the hybrid into (written to a temporary folder, renamed into place when complete); "
-        "may be omitted with --dry-run",
-    )
+def _add_layout_flags(p) -> None:
+    """Which layers become DeltaNet and how attention gates start: the flags `convert` and `heal` share."""
     p.add_argument(
         "--pattern",
         type=_int_list,
@@ -135,6 +114,33 @@ def add_convert_parser(sub) -> None:
         "source exactly; 'zero' = gate rows 0, no compensation (attention output halved); 'small' = gate rows "
         "N(0, 0.01^2), o_proj doubled [default: ones]",
     )
+
+
+def add_convert_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a Qwen3 / Llama-family model into a Gated DeltaNet + gated-attention hybrid",
+        description=(
+            "Convert a pretrained Qwen3 / Llama-family model into a Gated DeltaNet + gated-attention hybrid by "
+            "transferring its weights, and write it as a Hugging Face model folder (safetensors, config, tokenizer). "
+            "Layer i becomes Gated DeltaNet when i % PERIOD is in PATTERN; the other layers stay softmax attention "
+            "with a sigmoid output gate."
+        ),
+    )
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="the model to convert: a local folder (config.json + *.safetensors), a .gguf file, or a Hugging Face "
+        "hub id such as Qwen/Qwen3-8B",
+    )
+    p.add_argument(
+        "output",
+        metavar="OUTPUT",
+        nargs="?",
+        help="folder to write the hybrid into (written to a temporary folder, renamed into place when complete); "
+        "may be omitted with --dry-run",
+    )
+    _add_layout_flags(p)
     p.add_argument(
         "--dtype",
         choices=list(DTYPES),
@@ -264,8 +270,56 @@ def _count(text: str) -> int:
     return value
 
 
+def _add_training_flags(p, d, eval_tokens: bool = True) -> None:
+    """The DistillConfig flags that `distill` and `heal` share (all but the run's length, --align-only, --stop-at)."""
+    from .train.config import COMPUTE_DTYPES, TRAINABLE
+
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
+                   help=f"tokens per sequence [default: {d.seq_len}]")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"global batch in sequences per optimizer step, over all GPUs [default: {d.batch_size}]")
+    p.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
+                   help="micro-steps per optimizer step (each GPU then holds batch/(accum*GPUs) sequences at once) "
+                   f"[default: {d.grad_accum}]")
+    p.add_argument("--lr", type=_float, default=d.lr, help=f"peak learning rate (AdamW) [default: {d.lr}]")
+    p.add_argument("--min-lr", type=_float, default=d.min_lr, help=f"final learning rate of the cosine decay "
+                   f"[default: {d.min_lr}]")
+    p.add_argument("--warmup", type=_int, default=d.warmup, help=f"linear warmup steps [default: {d.warmup}]")
+    p.add_argument("--weight-decay", type=_float, default=d.weight_decay,
+                   help=f"AdamW weight decay on matrices [default: {d.weight_decay}]")
+    p.add_argument("--clip", type=_float, default=d.clip, help=f"gradient-norm clipping, 0 = off [default: {d.clip}]")
+    p.add_argument("--temperature", type=_float, default=d.temperature,
+                   help=f"KD softmax temperature (KD is scaled by T^2) [default: {d.temperature}]")
+    p.add_argument("--alpha", type=_float, default=d.alpha,
+                   help=f"weight of KD vs cross-entropy on the data: alpha*KD + (1-alpha)*CE [default: {d.alpha}]")
+    p.add_argument("--align-weight", type=_float, default=d.align_weight,
+                   help="weight of the per-layer hidden-state alignment loss (MSE of each layer's output vs the "
+                   f"teacher's) [default: {d.align_weight}]")
+    p.add_argument("--train", choices=TRAINABLE, default=d.train,
+                   help="what trains: all parameters, the token mixers of every layer, or only the DeltaNet layers "
+                   f"[default: {d.train}]")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=d.dtype,
+                   help="compute dtype; auto = bfloat16 on CUDA, float32 on CPU (master weights, optimizer state and "
+                   f"gradient reduction stay float32) [default: {d.dtype}]")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass (less memory, ~30%% more compute)")
+    p.add_argument("--save-every", type=_int, default=d.save_every,
+                   help=f"checkpoint every N steps (and at the end); 0 = only at the end [default: {d.save_every}]")
+    p.add_argument("--keep", type=_positive_int, default=d.keep, help=f"checkpoints to keep [default: {d.keep}]")
+    p.add_argument("--eval-every", type=_int, default=d.eval_every,
+                   help=f"evaluate on --eval-data every N steps, 0 = never [default: {d.eval_every}]")
+    if eval_tokens:  # heal has its own --eval-tokens, for each eval path as well
+        p.add_argument("--eval-tokens", type=_count, default=d.eval_tokens,
+                       help=f"tokens of --eval-data to evaluate on [default: {d.eval_tokens}]")
+    p.add_argument("--max-bad-steps", type=_positive_int, default=d.max_bad_steps,
+                   help=f"stop after this many steps with a NaN/inf loss or gradient [default: {d.max_bad_steps}]")
+    p.add_argument("--chunk-tokens", type=_positive_int, default=d.chunk_tokens,
+                   help=f"positions per logits chunk of the loss (memory vs speed) [default: {d.chunk_tokens}]")
+    p.add_argument("--seed", type=_int, default=d.seed, help=f"data order and init seed [default: {d.seed}]")
+
+
 def add_distill_parser(sub) -> None:
-    from .train.config import COMPUTE_DTYPES, TRAINABLE, DistillConfig
+    from .train.config import DistillConfig
 
     d = DistillConfig()
     p = sub.add_parser(
@@ -289,53 +343,13 @@ def add_distill_parser(sub) -> None:
                    "in OUT/data")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run folder (created)")
     p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out text for --eval-every")
-    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
-                   help=f"tokens per sequence [default: {d.seq_len}]")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                   help=f"global batch in sequences per optimizer step, over all GPUs [default: {d.batch_size}]")
-    p.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
-                   help="micro-steps per optimizer step (each GPU then holds batch/(accum*GPUs) sequences at once) "
-                   f"[default: {d.grad_accum}]")
+    _add_training_flags(p, d)
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, help="optimizer steps to run [default: one pass over the data]")
     length.add_argument("--tokens", type=_count, help="training tokens (e.g. 20M); rounded up to whole steps")
-    p.add_argument("--lr", type=_float, default=d.lr, help=f"peak learning rate (AdamW) [default: {d.lr}]")
-    p.add_argument("--min-lr", type=_float, default=d.min_lr, help=f"final learning rate of the cosine decay "
-                   f"[default: {d.min_lr}]")
-    p.add_argument("--warmup", type=_int, default=d.warmup, help=f"linear warmup steps [default: {d.warmup}]")
-    p.add_argument("--weight-decay", type=_float, default=d.weight_decay,
-                   help=f"AdamW weight decay on matrices [default: {d.weight_decay}]")
-    p.add_argument("--clip", type=_float, default=d.clip, help=f"gradient-norm clipping, 0 = off [default: {d.clip}]")
-    p.add_argument("--temperature", type=_float, default=d.temperature,
-                   help=f"KD softmax temperature (KD is scaled by T^2) [default: {d.temperature}]")
-    p.add_argument("--alpha", type=_float, default=d.alpha,
-                   help=f"weight of KD vs cross-entropy on the data: alpha*KD + (1-alpha)*CE [default: {d.alpha}]")
-    p.add_argument("--align-weight", type=_float, default=d.align_weight,
-                   help="weight of the per-layer hidden-state alignment loss (MSE of each layer's output vs the "
-                   f"teacher's) [default: {d.align_weight}]")
     p.add_argument("--align-only", action="store_true",
                    help="train on the hidden-state alignment alone (the first stage of RADLADS-style recipes; KD and "
                    "CE are still logged); then distill from RUN_DIR/final in a second run")
-    p.add_argument("--train", choices=TRAINABLE, default=d.train,
-                   help="what trains: all parameters, the token mixers of every layer, or only the DeltaNet layers "
-                   f"[default: {d.train}]")
-    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=d.dtype,
-                   help="compute dtype; auto = bfloat16 on CUDA, float32 on CPU (master weights, optimizer state and "
-                   f"gradient reduction stay float32) [default: {d.dtype}]")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block's activations in the backward pass (less memory, ~30%% more compute)")
-    p.add_argument("--save-every", type=_int, default=d.save_every,
-                   help=f"checkpoint every N steps (and at the end); 0 = only at the end [default: {d.save_every}]")
-    p.add_argument("--keep", type=_positive_int, default=d.keep, help=f"checkpoints to keep [default: {d.keep}]")
-    p.add_argument("--eval-every", type=_int, default=d.eval_every,
-                   help=f"evaluate on --eval-data every N steps, 0 = never [default: {d.eval_every}]")
-    p.add_argument("--eval-tokens", type=_count, default=d.eval_tokens,
-                   help=f"tokens of --eval-data to evaluate on [default: {d.eval_tokens}]")
-    p.add_argument("--max-bad-steps", type=_positive_int, default=d.max_bad_steps,
-                   help=f"stop after this many steps with a NaN/inf loss or gradient [default: {d.max_bad_steps}]")
-    p.add_argument("--chunk-tokens", type=_positive_int, default=d.chunk_tokens,
-                   help=f"positions per logits chunk of the loss (memory vs speed) [default: {d.chunk_tokens}]")
-    p.add_argument("--seed", type=_int, default=d.seed, help=f"data order and init seed [default: {d.seed}]")
     p.add_argument("--stop-at", type=_positive_int, metavar="STEP",
                    help="end this invocation after STEP with a checkpoint, keeping the full schedule (for time-limited "
                    "jobs; --resume continues) [default: run to the end]")
@@ -646,6 +660,100 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------- heal
+
+
+def add_heal_parser(sub) -> None:
+    from .heal import HealConfig
+    from .train.config import DistillConfig
+
+    d, h = DistillConfig(), HealConfig()
+    p = sub.add_parser(
+        "heal",
+        help="the whole healing job in one resumable command: convert, align, distill, (long context), evaluate",
+        description=(
+            "Convert SOURCE into a hybrid, then heal it in stages, each a `hybridize distill` run started from the "
+            "previous one: align (per-layer hidden-state alignment, DeltaNet layers only) -> kd (end-to-end "
+            "distillation) -> long (long windows, with --long-context-tokens) -> OUT/final, a normal model folder "
+            "-> evaluation against SOURCE on each --eval-data (OUT/eval.json). Every stage keeps its checkpoints, "
+            "metrics and curves.png in OUT/<stage>; after a crash, the same command with --resume skips the "
+            "finished stages and continues the one in progress."
+        ),
+    )
+    p.add_argument("source", metavar="SOURCE", help="the model to convert and distill from (the teacher): folder, "
+                   "hub id or .gguf file")
+    p.add_argument("out", metavar="OUT", help="the heal folder (created; must not exist unless --resume)")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH",
+                   help="training text in any format `distill` reads (tokenized once per stage folder)")
+    p.add_argument("--eval-data", nargs="+", default=[], metavar="PATH",
+                   help="held-out text: each path is evaluated on its own at the end (perplexity ratio, KL, greedy "
+                   "agreement); the first also serves --eval-every during the stages [default: no evaluation]")
+    p.add_argument("--tokens", type=_count, default=h.tokens,
+                   help=f"tokens of the end-to-end KD stage, e.g. 50M [default: {h.tokens:,}]")
+    p.add_argument("--align-tokens", type=_count_or_zero, default=None,
+                   help="tokens of the alignment stage; 0 skips it [default: --tokens / 20]")
+    p.add_argument("--align-lr", type=_float, default=h.align_lr,
+                   help=f"peak learning rate of the alignment stage [default: {h.align_lr}]")
+    p.add_argument("--long-context-tokens", type=_count_or_zero, default=h.long_context_tokens,
+                   help="tokens of a last stage on long windows (--long-seq-len), the same tokens per step; 0 skips "
+                   f"it [default: {h.long_context_tokens}]")
+    p.add_argument("--long-seq-len", type=_positive_int, default=None,
+                   help="window of the long-context stage [default: 4 x --seq-len]")
+    p.add_argument("--long-lr", type=_float, default=None,
+                   help="peak learning rate of the long-context stage [default: --lr / 10]")
+    p.add_argument("--eval-tokens", type=_count, default=h.eval_tokens,
+                   help=f"tokens evaluated per --eval-data path, and per --eval-every [default: {h.eval_tokens}]")
+    p.add_argument("--eval-passkey", type=_lengths, default=None, metavar="LENGTHS",
+                   help="also run passkey retrieval on the final model and SOURCE at these prompt lengths, e.g. "
+                   "1k,2k,4k [default: no passkey check]")
+    p.add_argument("--passkey-trials", type=_positive_int, default=h.passkey_trials,
+                   help=f"passkey prompts per length and depth [default: {h.passkey_trials}]")
+    _add_layout_flags(p)
+    p.add_argument("--weights-dtype", choices=list(DTYPES), default=None,
+                   help="dtype of the converted and the final weights [default: the source's stored dtype]")
+    _add_training_flags(p, d, eval_tokens=False)
+    p.add_argument("--gpus", type=_positive_int, default=h.gpus,
+                   help="run each training stage on this many GPUs of this machine (torchrun, FSDP2) [default: 1]")
+    p.add_argument("--resume", action="store_true", help="continue the heal run in OUT: finished stages are skipped")
+    p.add_argument("--override", action="store_true",
+                   help="with --resume: accept settings that differ from the run's [default: refuse]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_heal)
+
+
+def _count_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else _count(text)
+
+
+def cmd_heal(args) -> int:
+    from dataclasses import fields
+    from pathlib import Path
+
+    from .heal import HealConfig, HealJob, run_heal
+    from .train.config import DistillConfig
+    from .transfer.config import CrossArchTransferConfig
+    from .transfer.sources import read_source_config
+
+    if "RANK" in os.environ:
+        raise HybridizeError("run `hybridize heal` itself without torchrun; --gpus N runs its training stages on N "
+                             "GPUs")
+    source_config, family = read_source_config(args.source)  # cheap: config only, fails before any work
+    if family == "qwen3_5_text":
+        raise HybridizeError(f"{args.source} is already a hybrid (qwen3_5_text); heal converts an attention model "
+                             "(Qwen3 / Llama family): continue a hybrid's healing with `hybridize distill`")
+    attention = _attention_config(args, source_config.num_hidden_layers)
+    transfer = CrossArchTransferConfig(source_model=args.source, hybrid_attention=attention,
+                                       gate_init_strategy=args.gate_init, seed=args.seed)
+    distill = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig) if hasattr(args, f.name)
+                               and f.name not in ("tokens", "eval_tokens")}, eval_tokens=args.eval_tokens)
+    heal = HealConfig(**{f.name: getattr(args, f.name) for f in fields(HealConfig)})
+    job = HealJob(source=args.source, out=Path(args.out), data=args.data, transfer=transfer, distill=distill,
+                  heal=heal, eval_data=args.eval_data)
+    summary = run_heal(job, resume=args.resume, override=args.override, progress=not args.no_progress)
+    print(json.dumps(json_safe(summary), indent=2, default=str))
+    return 0
+
+
 # -------------------------------------------------------------------------------------------------------- corpus
 
 
@@ -733,6 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     add_export_parser(sub)
     add_distill_parser(sub)
+    add_heal_parser(sub)
     add_eval_parser(sub)
     add_plot_parser(sub)
     add_bench_parser(sub)

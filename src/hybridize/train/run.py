@@ -62,7 +62,7 @@ def _skeleton_student(student_dir: Path) -> HybridForCausalLM:
         return HybridForCausalLM(HybridConfig.from_pretrained(student_dir)).to(torch.float32)
 
 
-def _tokens(paths, tokenizer, cache_dir: Path | None, is_main: bool, progress: bool, vocab_size: int):
+def tokenize_cached(paths, tokenizer, cache_dir: Path | None, is_main: bool, progress: bool, vocab_size: int):
     """Rank 0 tokenizes (or reuses the cache); the others wait, then read the cache. `tokenizer` None: .npy only."""
     eos = None if tokenizer is None else tokenizer.eos_token_id
     if tokenizer is not None and eos is None:
@@ -76,7 +76,7 @@ def _tokens(paths, tokenizer, cache_dir: Path | None, is_main: bool, progress: b
     return tokens
 
 
-def _tokenizer(paths: list[str], *sources):
+def tokenizer_for(paths: list[str], *sources):
     """The tokenizer for text data; None when every input is pre-tokenized (.npy), which needs none."""
     return load_tokenizer(*sources) if needs_tokenizer(paths) else None
 
@@ -123,16 +123,16 @@ def run_distill(teacher: str, student: str, data: list[str], out: str, config: D
             teacher_model = skeleton_language_model(teacher, teacher_dtype)
         trainable = select_trainable(model, config.train)
         trainer = DistillationTrainer(teacher_model, model, config)
-        tokenizer = _tokenizer([*data, *(eval_data or [])], student_dir, teacher)
+        tokenizer = tokenizer_for([*data, *(eval_data or [])], student_dir, teacher)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         vocab = model.config.vocab_size
-        tokens = _tokens(data, tokenizer, run_dir / "data", env.is_main, progress, vocab)
+        tokens = tokenize_cached(data, tokenizer, run_dir / "data", env.is_main, progress, vocab)
         batches = PackedBatches(tokens, config.seq_len, config.batch_size, config.grad_accum, env.rank,
                                 env.world_size, config.seed)
         windows = None
         if eval_data:
-            eval_tokens = _tokens(eval_data, tokenizer, run_dir / "eval_data", env.is_main, progress, vocab)
+            eval_tokens = tokenize_cached(eval_data, tokenizer, run_dir / "eval_data", env.is_main, progress, vocab)
             windows = eval_windows(eval_tokens, config.seq_len, config.eval_tokens)
         last = trainer.fit(batches, run_dir, windows, resume=resume, progress=progress, override=override)
         if trainer.finished:
@@ -160,8 +160,8 @@ def run_eval(model: str, data: list[str], teacher: str | None = None, seq_len: i
     if teacher_model is not None:
         check_pair(teacher_model, student, align=False)
     note_long_sequences(student, seq_len, "model")
-    tokenizer = _tokenizer(data, model, *([teacher] if teacher else []))
-    tokens = _tokens(data, tokenizer, None, True, progress, student.config.vocab_size)
+    tokenizer = tokenizer_for(data, model, *([teacher] if teacher else []))
+    tokens = tokenize_cached(data, tokenizer, None, True, progress, student.config.vocab_size)
     windows = eval_windows(tokens, seq_len, max_tokens)
     objective = DistillationObjective(student, teacher_model, chunk_tokens=chunk_tokens).to(device)
     result = evaluate(objective, windows, batch_size, progress=progress)

@@ -1,0 +1,176 @@
+"""`hybridize heal`: the stage plan, the 1:1 distill flags, a whole run, resume after a crash, one-line mistakes."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hybridize import heal as heal_module
+from hybridize.cli import build_parser, main
+from hybridize.heal import HealConfig, HealJob, distill_argv, training_stages
+from hybridize.train.config import DistillConfig
+from hybridize.train.models import load_language_model
+from hybridize.train.run import run_eval
+from hybridize.transfer.config import CrossArchTransferConfig
+
+TINY = ["--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--warmup", "2", "--eval-tokens", "512",
+        "--save-every", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from conftest import build_tiny_source
+
+    root = tmp_path_factory.mktemp("heal")
+    build_tiny_source(root / "teacher", family="qwen3")
+    rng = random.Random(0)
+    for name, n in (("train.jsonl", 200), ("val.jsonl", 30)):
+        with open(root / name, "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"text": " ".join(f"w{rng.randint(0, 60)}" for _ in range(rng.randint(5, 80)))})
+                        + "\n")
+    return root
+
+
+def _job(**heal) -> HealJob:
+    return HealJob(source="s", out=Path("o"), data=["d"], transfer=CrossArchTransferConfig(),
+                   distill=DistillConfig(seq_len=512, batch_size=16, grad_accum=2), heal=HealConfig(**heal))
+
+
+def test_stage_plan_defaults_and_long_context_keeps_tokens_per_step():
+    align, kd = training_stages(_job(tokens=1_000_000))
+    assert (align.name, align.config.tokens, align.config.align_only, align.config.train) == \
+        ("align", 50_000, True, "linear")
+    assert (kd.name, kd.config.tokens, kd.config.align_only, kd.config.train) == ("kd", 1_000_000, False, "all")
+    assert kd.config.lr == DistillConfig().lr and align.config.lr == HealConfig().align_lr
+
+    stages = training_stages(_job(tokens=1000, align_tokens=0, long_context_tokens=2000, long_seq_len=2048, gpus=2))
+    assert [s.name for s in stages] == ["kd", "long"]
+    long = stages[1].config
+    assert long.seq_len == 2048 and long.tokens == 2000 and long.lr == pytest.approx(DistillConfig().lr / 10)
+    assert long.tokens_per_step == 16 * 512  # the KD stage's tokens per step
+    micro = long.batch_size // (long.grad_accum * 2)
+    assert micro * 2048 == (16 // (2 * 2)) * 512  # and per micro-step on each GPU
+    assert long.batch_size % (long.grad_accum * 2) == 0
+
+
+def test_distill_argv_rebuilds_the_same_config():
+    from dataclasses import fields
+
+    config = DistillConfig(seq_len=64, batch_size=8, grad_accum=2, tokens=12_345, lr=1e-3, align_only=True,
+                           train="linear", grad_checkpointing=True, eval_every=3, dtype="float32", seed=7)
+    argv = distill_argv("T", Path("S"), ["a.jsonl"], Path("R"), config, ["v.jsonl"], resume=True, override=False,
+                        progress=False)
+    args = build_parser().parse_args(argv)
+    rebuilt = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
+    assert rebuilt == config
+    assert args.resume and not args.override and args.no_progress and args.eval_data == ["v.jsonl"]
+
+
+def _heal(ws: Path, out: Path, *extra) -> int:
+    return main(["heal", str(ws / "teacher"), str(out), "--data", str(ws / "train.jsonl"), "--eval-data",
+                 str(ws / "val.jsonl"), *TINY, *map(str, extra)])
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_heal_runs_every_stage_and_brings_the_hybrid_closer(workspace, tmp_path, capsys):
+    out = tmp_path / "healed"
+    stages = ["--tokens", "3072", "--align-tokens", "1024", "--long-context-tokens", "1024", "--long-seq-len", "64"]
+    assert _heal(workspace, out, *stages) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["stages"] == ["convert", "align", "kd", "long", "final", "eval"]
+    state = json.loads((out / "heal.json").read_text())
+    assert list(state["done"]) == summary["stages"]
+    steps = {name: state["done"][name]["steps"] for name in ("align", "kd", "long")}
+    assert steps == {"align": 8, "kd": 24, "long": 8}  # tokens / (4 x 32) per step
+    for name in ("align", "kd", "long"):
+        assert (out / name / "curves.png").is_file() and (out / name / "final" / "config.json").is_file()
+    assert json.loads((out / "long" / "checkpoints" / "step_00000008" / "trainer_state.json").read_text()
+                      )["config"]["seq_len"] == 64
+    # the align stage trained only the DeltaNet layers
+    hybrid, aligned = _weights(out / "hybrid"), _weights(out / "align" / "final")
+    moved = {n for n in hybrid if not torch.equal(hybrid[n], aligned[n])}
+    assert moved and all(".linear_attn." in n for n in moved)
+    # OUT/final is the last stage's model, a normal folder
+    final = _weights(out / "final")
+    assert all(torch.equal(final[n], t) for n, t in _weights(out / "long" / "final").items())
+    assert load_language_model(out / "final", torch.float32).config.model_type == "hybridize"
+    # the evaluation is run_eval's, and healing closed part of the gap to the teacher
+    evaluation = state["done"]["eval"]["data"][str(workspace / "val.jsonl")]
+    fresh = run_eval(str(out / "hybrid"), [str(workspace / "val.jsonl")], str(workspace / "teacher"), seq_len=32,
+                     max_tokens=512, progress=False)
+    assert evaluation["kl"] < 0.7 * fresh["kl"], (evaluation["kl"], fresh["kl"])
+    assert summary["eval"][str(workspace / "val.jsonl")]["ratio"] == pytest.approx(
+        evaluation["perplexity"] / evaluation["teacher_perplexity"], rel=1e-3)
+
+
+def test_resume_after_a_crash_gives_the_same_model(workspace, tmp_path, monkeypatch, capsys):
+    stages = ["--tokens", "2048", "--align-tokens", "512"]
+    assert _heal(workspace, tmp_path / "straight", *stages) == 0
+
+    real = heal_module._run_stage
+    calls = []
+
+    def crash_in_kd(job, stage, *args):
+        calls.append(stage.name)
+        if stage.name == "kd":  # dies after the first checkpoint of the KD stage
+            short = replace(stage, config=replace(stage.config, stop_at=4))
+            real(job, short, *args)
+            raise RuntimeError("machine lost")
+        return real(job, stage, *args)
+
+    monkeypatch.setattr(heal_module, "_run_stage", crash_in_kd)
+    assert _heal(workspace, tmp_path / "crashed", *stages) != 0
+    assert calls == ["align", "kd"] and not (tmp_path / "crashed" / "final").exists()
+    monkeypatch.setattr(heal_module, "_run_stage", lambda *a: (calls.append(a[1].name), real(*a))[1])
+    capsys.readouterr()
+    assert _heal(workspace, tmp_path / "crashed", *stages, "--resume") == 0
+    assert calls[2:] == ["kd"]  # align was not run again; kd continued from its step-4 checkpoint
+    straight, resumed = _weights(tmp_path / "straight" / "final"), _weights(tmp_path / "crashed" / "final")
+    assert straight.keys() == resumed.keys()
+    assert max((straight[n].float() - resumed[n].float()).abs().max().item() for n in straight) == 0.0
+
+
+@pytest.mark.parametrize("case", ["exists", "nothing_to_resume", "changed", "missing_data", "hybrid_source",
+                                  "torchrun"])
+def test_user_mistakes_are_one_line(workspace, tmp_path, capsys, monkeypatch, case):
+    out = tmp_path / "out"
+    args = ["--tokens", "256", "--align-tokens", "0"]
+    if case in ("exists", "changed"):
+        assert _heal(workspace, out, *args) == 0
+        capsys.readouterr()
+    if case == "exists":
+        code = _heal(workspace, out, *args)
+    elif case == "nothing_to_resume":
+        code = _heal(workspace, out, *args, "--resume")
+    elif case == "changed":
+        code = _heal(workspace, out, "--tokens", "512", "--align-tokens", "0", "--resume")
+    elif case == "missing_data":
+        code = main(["heal", str(workspace / "teacher"), str(out), "--data", str(tmp_path / "nope.jsonl")])
+    elif case == "hybrid_source":
+        assert main(["convert", str(workspace / "teacher"), str(tmp_path / "h")]) == 0
+        assert main(["export", str(tmp_path / "h"), str(tmp_path / "q35")]) == 0
+        capsys.readouterr()
+        code = main(["heal", str(tmp_path / "q35"), str(out), "--data", str(workspace / "train.jsonl")])
+    else:
+        monkeypatch.setenv("RANK", "0")
+        code = _heal(workspace, out, *args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("hybridize: error:") and "\n" not in err, err
+    expected = {"exists": "--resume", "nothing_to_resume": "nothing to resume", "changed": "--override",
+                "missing_data": "does not exist", "hybrid_source": "already a hybrid", "torchrun": "without torchrun"}
+    assert expected[case] in err
+    if case in ("nothing_to_resume", "missing_data", "hybrid_source", "torchrun"):
+        assert not out.exists()
