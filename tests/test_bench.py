@@ -1,4 +1,4 @@
-"""`hybridize bench --train` on the CPU with the tiny shape: the report's rows, ratios and FLOP counts."""
+"""`hybridize bench` (inference) and `bench --train` on the CPU, tiny shape: rows, ratios, cache bytes, FLOPs."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import json
 
 import pytest
 
+from hybridize.bench.common import build
 from hybridize.bench.shapes import hybrid_config, source_config
-from hybridize.bench.train import _build, forward_flops_per_token
+from hybridize.bench.train import forward_flops_per_token
 from hybridize.cli import main
 
 
 def test_forward_flops_count_matmuls_attention_and_deltanet():
     import torch
 
-    model = _build("hybrid", "tiny", torch.float32, torch.device("cpu"))
+    model = build("hybrid", "tiny", torch.float32, torch.device("cpu"))
     cfg = hybrid_config("tiny")
     D, V, F, H, d = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim
     Hkv = cfg.num_key_value_heads
@@ -27,7 +28,7 @@ def test_forward_flops_count_matmuls_attention_and_deltanet():
     expected = 2 * (n_attn * attn_params + n_delta * delta_params + cfg.num_hidden_layers * 3 * D * F + D * V)
     expected += n_attn * 2 * H * d * T + n_delta * Hv * (4 * dk * dv + 2 * 64 * (dk + dv))
     assert forward_flops_per_token(model, T) == pytest.approx(expected)
-    source = _build("source", "tiny", torch.float32, torch.device("cpu"))
+    source = build("source", "tiny", torch.float32, torch.device("cpu"))
     src_cfg, _ = source_config("tiny")
     assert forward_flops_per_token(source, T) > 2 * D * V  # all layers attention
 
@@ -52,7 +53,33 @@ def test_bench_train_tiny_writes_a_report(tmp_path, capsys):
     assert "hybrid" in table and "× source" in table
 
 
-def test_bench_without_train_flag_is_a_one_line_error(capsys):
-    assert main(["bench", "--shape", "tiny"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--train" in err[0]
+def _kv_bytes(layers: int, cfg, length: int, batch: int = 1) -> int:
+    return layers * 2 * batch * cfg.num_key_value_heads * length * cfg.head_dim * 4
+
+
+def test_bench_infer_tiny_rows_ratios_and_cache_bytes(tmp_path, capsys):
+    out = tmp_path / "infer.json"
+    assert main(["bench", "--shape", "tiny", "--prefill-lengths", "48,96", "--decode-batches", "1,3",
+                 "--decode-contexts", "40", "--new-tokens", "3", "--repeats", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    hybrid, source = report["results"]["hybrid"], report["results"]["source"]
+    cfg, (src_cfg, _) = hybrid_config("tiny"), source_config("tiny")
+    n_attn = cfg.layer_types.count("full_attention")
+    n_lin = cfg.num_hidden_layers - n_attn
+    conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + cfg.linear_num_value_heads * \
+        cfg.linear_value_head_dim
+    states = n_lin * (conv_dim * (cfg.linear_conv_kernel_dim - 1)
+                      + cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim) * 4
+    for row_h, row_s, length in zip(hybrid["prefill"], source["prefill"], (48, 96), strict=True):
+        assert row_h["tokens_per_s"] == pytest.approx(length / row_h["seconds"], rel=0.01)
+        assert row_h["speed_vs_source"] == pytest.approx(row_h["tokens_per_s"] / row_s["tokens_per_s"], rel=0.01)
+        # the cache after the prompt: KV of the attention layers + fixed DeltaNet states, against KV of every layer
+        assert row_h["cache_bytes"] == _kv_bytes(n_attn, cfg, length) + states
+        assert row_s["cache_bytes"] == _kv_bytes(src_cfg.num_hidden_layers, cfg, length)
+        assert row_h["cache_vs_source"] == pytest.approx(row_h["cache_bytes"] / row_s["cache_bytes"], abs=1e-3)
+    assert [(r["batch"], r["context"]) for r in hybrid["decode"]] == [(1, 40), (3, 40)]
+    for row in hybrid["decode"]:
+        assert row["tokens_per_s"] == pytest.approx(row["batch"] * 3 / (row["ms_per_step"] * 3 / 1e3), rel=0.02)
+        assert 0 < row["tokens_per_s"] < row["roofline_tokens_per_s"]
+    table = capsys.readouterr().out
+    assert "prefill" in table and "roofline" in table and "× source" in table

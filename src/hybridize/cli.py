@@ -592,41 +592,78 @@ def add_bench_parser(sub) -> None:
     d = TrainBenchConfig()
     p = sub.add_parser(
         "bench",
-        help="measure training throughput (tokens/s, MFU, peak memory) against the source model",
-        description="With --train: time the distillation step `hybridize distill` runs (student forward+backward, "
-        "bf16 teacher forward, fused KD head, AdamW; FSDP2 over --gpus) for the default 3:1 hybrid of --shape and, "
-        "side by side in the same process, for transformers' model of the source trained the same way. Random "
-        "weights and tokens with the real shapes. Prints a table; --json writes every number.",
+        help="measure inference (prefill, decode) or, with --train, training throughput against the source model",
+        description="Without --train: prefill tok/s at --prefill-lengths, greedy decode tok/s at --decode-batches x "
+        "--decode-contexts with its roofline (weights + cache bytes over the measured copy bandwidth), cache size and "
+        "peak memory, for the default 3:1 hybrid of --shape and, side by side in the same process, transformers' "
+        "model of the source. With --train: time the distillation step `hybridize distill` runs (student "
+        "forward+backward, bf16 teacher forward, fused KD head, AdamW; FSDP2 over --gpus) for both. Random weights "
+        "and tokens with the real shapes; bf16 on CUDA, float32 on a CPU. Prints a table; --json writes every number.",
     )
-    p.add_argument("--train", action="store_true", help="the training-step benchmark (required for now)")
+    p.add_argument("--train", action="store_true", help="the training-step benchmark instead of inference")
     p.add_argument("--shape", choices=SHAPES, default=d.shape,
                    help=f"model shapes: Qwen3-8B, SmolLM2-135M or a tiny CPU-sized Qwen3 [default: {d.shape}]")
+    p.add_argument("--prefill-lengths", type=_lengths, default=[], metavar="LENGTHS",
+                   help="inference: prompt lengths to prefill, e.g. 4k,32k,128k [default: 4k,32k,128k; tiny: 128,512]")
+    p.add_argument("--decode-batches", type=_lengths, default=[], metavar="N,..",
+                   help="inference: decode batch sizes [default: 1,32; tiny: 1,4]")
+    p.add_argument("--decode-contexts", type=_lengths, default=[], metavar="LENGTHS",
+                   help="inference: context before decoding, e.g. 1k,32k [default: 1k,32k; tiny: 64]")
+    p.add_argument("--new-tokens", type=_int, default=0,
+                   help="inference: timed decode steps per row [default: 64; tiny: 8]")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="inference: timed prefills (median) [default: 3]")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
-                   help=f"tokens per sequence [default: {d.seq_len}]")
+                   help=f"--train: tokens per sequence [default: {d.seq_len}]")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                   help=f"global sequences per step [default: {d.batch_size}]")
+                   help=f"--train: global sequences per step [default: {d.batch_size}]")
     p.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
-                   help=f"micro-steps per step [default: {d.grad_accum}]")
-    p.add_argument("--steps", type=_positive_int, default=d.steps, help=f"timed steps (median) [default: {d.steps}]")
+                   help=f"--train: micro-steps per step [default: {d.grad_accum}]")
+    p.add_argument("--steps", type=_positive_int, default=d.steps,
+                   help=f"--train: timed steps (median) [default: {d.steps}]")
     p.add_argument("--warmup", type=_int, default=d.warmup,
-                   help=f"untimed steps first (kernel compilation, autotuning) [default: {d.warmup}]")
+                   help=f"--train: untimed steps first (kernel compilation, autotuning) [default: {d.warmup}]")
     p.add_argument("--checkpointing", choices=("on", "off", "both"), default=d.checkpointing,
-                   help=f"activation checkpointing per block [default: {d.checkpointing}]")
+                   help=f"--train: activation checkpointing per block [default: {d.checkpointing}]")
     p.add_argument("--against", choices=("source", "none"), default=d.against,
-                   help=f"also time transformers' source model as the student [default: {d.against}]")
+                   help=f"also time transformers' source model (as the student with --train) [default: {d.against}]")
     p.add_argument("--no-teacher", dest="teacher", action="store_false",
-                   help="plain fine-tuning on cross-entropy (no teacher forward, no KD)")
+                   help="--train: plain fine-tuning on cross-entropy (no teacher forward, no KD)")
     p.add_argument("--master-dtype", choices=("float32", "bfloat16"), default=d.master_dtype,
-                   help="dtype of the trained weights and AdamW state (compute is bf16 on CUDA either way) "
+                   help="--train: dtype of the trained weights and AdamW state (compute is bf16 on CUDA either way) "
                    f"[default: {d.master_dtype}]")
     p.add_argument("--peak-tflops", type=_float, default=d.peak_tflops,
-                   help=f"the MFU denominator per GPU [default: {d.peak_tflops}, H200 dense bf16]")
-    p.add_argument("--profile", action="store_true", help="profile one more step: top kernels and GPU time by kind")
+                   help=f"--train: the MFU denominator per GPU [default: {d.peak_tflops}, H200 dense bf16]")
+    p.add_argument("--profile", action="store_true",
+                   help="--train: profile one more step: top kernels and GPU time by kind")
     p.add_argument("--gpus", type=_positive_int, default=1,
-                   help="GPUs of this host (re-launches itself under torchrun when > 1) [default: 1]")
+                   help="--train: GPUs of this host (re-launches itself under torchrun when > 1) [default: 1]")
     p.add_argument("--seed", type=_int, default=d.seed, help=f"weights and tokens seed [default: {d.seed}]")
     p.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     p.set_defaults(func=cmd_bench)
+
+
+def _write_json(path: str, report: dict) -> None:
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps(json_safe(report), indent=2) + "\n")
+
+
+def _cmd_bench_infer(args) -> int:
+    from dataclasses import fields
+
+    from .bench.infer import InferBenchConfig, format_table, run_infer_bench
+
+    if args.gpus > 1:
+        raise HybridizeError("the inference benchmark runs on one GPU; --gpus is for --train")
+    try:
+        config = InferBenchConfig(**{f.name: getattr(args, f.name) for f in fields(InferBenchConfig)})
+    except ValueError as e:
+        raise HybridizeError(str(e)) from None
+    report = run_infer_bench(config)
+    print(format_table(report))
+    if args.json:
+        _write_json(args.json, report)
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -636,7 +673,7 @@ def cmd_bench(args) -> int:
     from .train.parallelize import shutdown_distributed
 
     if not args.train:
-        raise HybridizeError("only the training benchmark exists so far: pass --train")
+        return _cmd_bench_infer(args)
     if args.gpus > 1 and "RANK" not in os.environ:
         import subprocess
 
@@ -654,9 +691,7 @@ def cmd_bench(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_table(report))
         if args.json:
-            from pathlib import Path
-
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            _write_json(args.json, report)
     return 0
 
 

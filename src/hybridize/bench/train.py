@@ -19,19 +19,17 @@ import re
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from ..model.config import LINEAR
-from ..model.modeling import HybridForCausalLM
 from ..ops.dispatch import fla_status
 from ..train.config import DistillConfig
 from ..train.parallelize import DistEnv, init_distributed
 from ..train.trainer import DistillationTrainer
-from .shapes import hybrid_config, source_config
+from .common import build, device_name, versions
 
 H200_BF16_TFLOPS = 989.0
 DELTANET_CHUNK = 64
@@ -54,27 +52,6 @@ class TrainBenchConfig:
     peak_tflops: float = H200_BF16_TFLOPS
     profile: bool = False
     seed: int = 0
-
-
-@contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def _build(kind: str, shape: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """A randomly initialised model of `shape`: the hybrid, or transformers' model of the source."""
-    with torch.device(device), _default_dtype(dtype):
-        if kind == "hybrid":
-            return HybridForCausalLM(hybrid_config(shape))
-        from transformers import AutoModelForCausalLM
-
-        config, _ = source_config(shape)
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
 def _linear_params(model: nn.Module) -> int:
@@ -148,9 +125,9 @@ def run_variant(cfg: TrainBenchConfig, env: DistEnv, student_kind: str, checkpoi
     _say(env, f"building {student_kind} student and teacher ({cfg.shape})")
     torch.manual_seed(cfg.seed)
     compute = torch.bfloat16 if env.device.type == "cuda" else torch.float32
-    student = _build("hybrid" if student_kind == "hybrid" else "source", cfg.shape, getattr(torch, cfg.master_dtype),
+    student = build("hybrid" if student_kind == "hybrid" else "source", cfg.shape, getattr(torch, cfg.master_dtype),
                      env.device)
-    teacher = _build("source", cfg.shape, compute, env.device) if cfg.teacher else None
+    teacher = build("source", cfg.shape, compute, env.device) if cfg.teacher else None
     fwd_student = forward_flops_per_token(student, cfg.seq_len)
     fwd_teacher = forward_flops_per_token(teacher, cfg.seq_len) if teacher is not None else 0.0
     dcfg = DistillConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
@@ -215,27 +192,8 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             if base is not None:
                 r["speed_vs_source"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
     compute = "bfloat16" if env.device.type == "cuda" else "float32"
-    return {"config": asdict(cfg), "world_size": env.world_size, "device": _device_name(env), "compute_dtype": compute,
-            "versions": _versions(), "kernels": fla_status(), "results": results}
-
-
-def _device_name(env: DistEnv) -> str:
-    if env.device.type == "cuda":
-        return f"{env.world_size} × {torch.cuda.get_device_name(env.device)}"
-    return "cpu"
-
-
-def _versions() -> dict:
-    import transformers
-
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import fla
-
-        versions["fla"] = getattr(fla, "__version__", "?")
-    except Exception:  # fla missing or broken: fla_status says why
-        pass
-    return versions
+    return {"config": asdict(cfg), "world_size": env.world_size, "device": device_name(env.device, env.world_size),
+            "compute_dtype": compute, "versions": versions(), "kernels": fla_status(), "results": results}
 
 
 def format_table(report: dict) -> str:

@@ -1,0 +1,256 @@
+"""Inference speed: prefill and decode of the hybrid against transformers' model of its source, in one process.
+
+Both models have random weights of the named shape (speed does not depend on the values), built directly in the
+compute dtype. Each is timed the same way, through its own forward with its own cache (the hybrid's
+HybridCache, transformers' DynamicCache):
+
+    prefill  one forward over `length` tokens with the cache on (logits of the last position only), median of
+             `repeats`; tok/s, peak memory, and the bytes of the cache it leaves
+    decode   prefill `context` tokens at `batch` sequences (untimed), then `new_tokens` greedy one-token steps;
+             tok/s = batch · new_tokens / time; the roofline is batch / (bytes read per step / copy bandwidth),
+             bytes read = the weights (less the embedding table, which is gathered, not read) + the cache
+
+The copy bandwidth is measured first (a device-to-device copy: read + write). Rows that run out of memory are
+reported as such, not dropped. On CUDA, computing runs in bfloat16; on a CPU in float32 (the `tiny` shape there
+takes seconds; it is what tests run).
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..ops.dispatch import fla_status, note_if_slow_path
+from .common import build, device_name, versions
+
+SMALL_SHAPES = ("tiny",)  # shapes whose default lengths are CPU-sized
+
+
+@dataclass
+class InferBenchConfig:
+    """What `hybridize bench` (without --train) measures; fields map 1:1 onto its flags. Empty lists take the
+    shape's defaults: the issue's grid (4k/32k/128k prefill; batch 1 and 32 at 1k and 32k context) for real
+    shapes, a few hundred tokens for `tiny`."""
+
+    shape: str = "qwen3-8b"
+    prefill_lengths: list[int] = field(default_factory=list)
+    decode_batches: list[int] = field(default_factory=list)
+    decode_contexts: list[int] = field(default_factory=list)
+    new_tokens: int = 0  # 0 = the shape's default (64 on real shapes, 8 on tiny)
+    repeats: int = 3
+    against: str = "source"  # source | none
+    seed: int = 0
+
+    def __post_init__(self):
+        small = self.shape in SMALL_SHAPES
+        self.prefill_lengths = self.prefill_lengths or ([128, 512] if small else [4096, 32768, 131072])
+        self.decode_batches = self.decode_batches or ([1, 4] if small else [1, 32])
+        self.decode_contexts = self.decode_contexts or ([64] if small else [1024, 32768])
+        self.new_tokens = self.new_tokens or (8 if small else 64)
+        values = [*self.prefill_lengths, *self.decode_batches, *self.decode_contexts, self.new_tokens, self.repeats]
+        if min(values) < 1:
+            raise ValueError("lengths, batches, contexts, new tokens and repeats must all be >= 1")
+        if self.against not in ("source", "none"):
+            raise ValueError(f"against must be 'source' or 'none', got {self.against!r}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int | None = None) -> float:
+    """Bytes per second of a large device-to-device copy, counting the read and the write (median of 5)."""
+    size = (megabytes or (1024 if device.type == "cuda" else 128)) * 2**20
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    del src, dst
+    return 2 * size / statistics.median(times[1:])
+
+
+def tensor_bytes(obj, _seen: set | None = None) -> int:
+    """Bytes of every distinct tensor reachable from a cache object (dicts, lists, attributes), e.g. a HybridCache
+    or transformers' DynamicCache."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def weight_bytes_read(model: nn.Module) -> int:
+    """Bytes of the weights one decode step reads: all parameters but an untied input embedding (gathered)."""
+    embed = model.get_input_embeddings().weight
+    tied = embed is model.get_output_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - (0 if tied else embed.numel() * embed.element_size())
+
+
+def _tokens(batch: int, length: int, vocab: int, seed: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (batch, length), generator=gen).to(device)
+
+
+def _peak_reset(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
+
+
+@torch.no_grad()
+def measure_prefill(model: nn.Module, length: int, cfg: InferBenchConfig, device: torch.device) -> dict:
+    ids = _tokens(1, length, model.config.vocab_size, cfg.seed, device)
+    times, cache_bytes = [], 0
+    _peak_reset(device)
+    for _ in range(cfg.repeats + 1):  # the first run warms up (kernel autotuning, allocator)
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        cache_bytes = tensor_bytes(out.past_key_values)
+        del out
+    seconds = statistics.median(times[1:])
+    return {"length": length, "seconds": round(seconds, 6), "tokens_per_s": round(length / seconds, 3),
+            "cache_bytes": cache_bytes, "cache_gb": round(cache_bytes / 1e9, 4), "peak_gb": _peak_gb(device)}
+
+
+@torch.no_grad()
+def measure_decode(model: nn.Module, batch: int, context: int, cfg: InferBenchConfig, device: torch.device,
+                   bandwidth: float) -> dict:
+    ids = _tokens(batch, context, model.config.vocab_size, cfg.seed, device)
+    _peak_reset(device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    del out
+    with warnings.catch_warnings():  # transformers >= 5.2x renames past_key_values; 5.17 (the GPU image) has no other
+        warnings.simplefilter("ignore", FutureWarning)
+        step = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)  # untimed warm-up
+        cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(cfg.new_tokens):
+            step = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    read = weight_bytes_read(model) + tensor_bytes(cache)
+    return {"batch": batch, "context": context, "tokens_per_s": round(batch * cfg.new_tokens / seconds, 3),
+            "ms_per_step": round(1e3 * seconds / cfg.new_tokens, 4),
+            "roofline_tokens_per_s": round(batch * bandwidth / read, 1),
+            "cache_gb": round(tensor_bytes(cache) / 1e9, 4), "peak_gb": _peak_gb(device)}
+
+
+def _guarded(device: torch.device, measure, *args) -> dict:
+    """A row, or why there is none (out of memory is a result at long context, not a crash)."""
+    try:
+        return measure(*args)
+    except torch.OutOfMemoryError:
+        _peak_reset(device)
+        return {"error": "out of memory"}
+
+
+def _say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def bench_model(name: str, model: nn.Module, cfg: InferBenchConfig, device: torch.device, bandwidth: float) -> dict:
+    rows = {"prefill": [], "decode": []}
+    for length in cfg.prefill_lengths:
+        _say(f"{name}: prefill {length} tokens")
+        rows["prefill"].append({"length": length, **_guarded(device, measure_prefill, model, length, cfg, device)})
+    for context in cfg.decode_contexts:
+        for batch in cfg.decode_batches:
+            _say(f"{name}: decode batch {batch} after {context} tokens")
+            rows["decode"].append({"batch": batch, "context": context,
+                                   **_guarded(device, measure_decode, model, batch, context, cfg, device, bandwidth)})
+    return rows
+
+
+def run_infer_bench(cfg: InferBenchConfig) -> dict:
+    """Every row for the hybrid and (against='source') transformers' source model; ratios hybrid / source."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    note_if_slow_path(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(cfg.seed)
+    bandwidth = copy_bandwidth(device)
+    results = {}
+    for kind in ["hybrid"] + (["source"] if cfg.against == "source" else []):
+        model = build(kind, cfg.shape, dtype, device).eval()
+        results[kind] = {"weights_gb": round(weight_bytes_read(model) / 1e9, 3),
+                         **bench_model(kind, model, cfg, device, bandwidth)}
+        del model
+        _peak_reset(device)
+    if "source" in results:
+        _add_ratios(results)
+    return {"config": asdict(cfg), "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+            "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "versions": versions(), "kernels": fla_status(),
+            "results": results}
+
+
+def _add_ratios(results: dict) -> None:
+    for part in ("prefill", "decode"):
+        for mine, theirs in zip(results["hybrid"][part], results["source"][part], strict=True):
+            if "tokens_per_s" in mine and "tokens_per_s" in theirs:
+                mine["speed_vs_source"] = round(mine["tokens_per_s"] / theirs["tokens_per_s"], 3)
+            if mine.get("cache_bytes") and theirs.get("cache_bytes"):
+                mine["cache_vs_source"] = round(mine["cache_bytes"] / theirs["cache_bytes"], 3)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    if "error" in row:
+        return "OOM" if key == "tokens_per_s" else "-"
+    value = row.get(key)
+    return "-" if value is None else format(value, fmt)
+
+
+def format_table(report: dict) -> str:
+    cfg, res = report["config"], report["results"]
+    models = list(res)
+    lines = [f"inference, shape {cfg['shape']}, {report['dtype']}, {report['device']}, copy bandwidth "
+             f"{report['copy_bandwidth_gb_s']} GB/s, kernels: {report['kernels']}",
+             "prefill (batch 1)    " + "".join(f"{m + ' tok/s':>14}" for m in models)
+             + f"{'× source':>10}{'cache GB':>10}{'× source':>10}"]
+    for i, length in enumerate(cfg["prefill_lengths"]):
+        rows = [res[m]["prefill"][i] for m in models]
+        h = rows[0]
+        lines.append(f"  {length:>8} tokens     " + "".join(f"{_cell(r, 'tokens_per_s', ',.0f'):>14}" for r in rows)
+                     + f"{_cell(h, 'speed_vs_source', '.2f'):>10}{_cell(h, 'cache_gb', '.3f'):>10}"
+                     f"{_cell(h, 'cache_vs_source', '.2f'):>10}")
+    lines.append("decode (greedy)      " + "".join(f"{m + ' tok/s':>14}" for m in models)
+                 + f"{'× source':>10}{'roofline':>10}{'of roof':>9}")
+    for i, row in enumerate(res["hybrid"]["decode"]):
+        rows = [res[m]["decode"][i] for m in models]
+        roof = row.get("roofline_tokens_per_s")
+        share = f"{row['tokens_per_s'] / roof:.0%}" if roof and "tokens_per_s" in row else "-"
+        lines.append(f"  batch {row['batch']:>3} ctx {row['context']:>6} " + "".join(
+            f"{_cell(r, 'tokens_per_s', ',.1f'):>14}" for r in rows) + f"{_cell(row, 'speed_vs_source', '.2f'):>10}"
+            f"{_cell(row, 'roofline_tokens_per_s', ',.0f'):>10}{share:>9}")
+    return "\n".join(lines)
