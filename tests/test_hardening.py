@@ -714,12 +714,12 @@ def test_gguf_progress_bars_follow_no_progress():
     """Item 17: transformers' GGUF de-quantizing bar is plain tqdm; --no-progress must reach it."""
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    from hybridize.train.models import _gguf_bars
+    from hybridize.train.models import gguf_progress
 
     original = gguf_utils.tqdm
-    with _gguf_bars(False):
+    with gguf_progress(False):
         assert gguf_utils.tqdm(range(3)).disable is True
-    with _gguf_bars(True):
+    with gguf_progress(True):
         assert gguf_utils.tqdm is original
     assert gguf_utils.tqdm is original
 

@@ -241,12 +241,14 @@ def _run_stage(job: HealJob, stage: Stage, student: Path, run_dir: Path, data: l
 
 
 def _convert(job: HealJob, progress: bool) -> dict:
+    from .train.models import gguf_progress
     from .transfer.convert import convert_to_folder
 
     target = job.out / "hybrid"
     # a convert that died after its rename but before heal.json was written: its folder is complete, redo it anyway
-    return convert_to_folder(job.source, target, job.transfer, dtype=job.heal.weights_dtype, force=True,
-                             progress=progress)
+    with gguf_progress(progress):
+        return convert_to_folder(job.source, target, job.transfer, dtype=job.heal.weights_dtype, force=True,
+                                 progress=progress)
 
 
 def _link_final(model_dir: Path, out: Path) -> None:

@@ -31,7 +31,7 @@ def _model_type(path: Path) -> str | None:
 
 
 @contextmanager
-def _gguf_bars(enabled: bool):
+def gguf_progress(enabled: bool):
     """transformers' GGUF reader draws its de-quantizing bar with plain tqdm, which its own switch does not reach."""
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
@@ -83,7 +83,7 @@ def load_language_model(source: str | Path, dtype: torch.dtype, progress: bool =
             read_source_config(source)
             from transformers import AutoModelForCausalLM
 
-            with _gguf_bars(progress):
+            with gguf_progress(progress):
                 model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         else:
             read_source_config(source)  # one-line errors for unsupported or broken sources
