@@ -110,14 +110,18 @@ def add_mtp_loss(model, loss: torch.Tensor | None, hidden: torch.Tensor, input_i
 
 
 class MTPDecoder:
-    """Self-speculative decoding of a HybridForCausalLM with its MTP heads; `stats` describes the last call."""
+    """Self-speculative decoding of a HybridForCausalLM with its MTP heads.
+
+    `stats` describes the last call: `tokens_per_verify` (mean tokens committed per verify forward and active
+    row: accepted drafts + the backbone's own token), `mean_accepted_drafts`, `verify_steps` (row-steps), and
+    `accepted` (per verify step, the drafts each row accepted)."""
 
     def __init__(self, model):
         if model.mtp is None:
             raise HybridizeError("this model has no MTP heads (config mtp_num_hidden_layers is 0); build it with "
                                  "mtp_num_hidden_layers=1 and train them (hybridize distill --mtp)")
         self.model = model
-        self.stats: dict[str, float] = {}
+        self.stats: dict = {}
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, attention_mask: torch.Tensor | None = None,
@@ -140,17 +144,19 @@ class MTPDecoder:
         tok = run.prefill()
         out.commit([[t] for t in tok.tolist()])
         verifies = committed = 0
+        accepted: list[list[int]] = []
         while not out.all_done():
             k = min(K, out.max_remaining() - 1)
             active = out.active()
             drafts, q = run.draft(tok, k)
             n_acc, tok = run.verify(tok, drafts, q)
             rows = drafts.tolist()
+            accepted.append(n_acc.tolist())
             committed += sum(int(n_acc[b]) + 1 for b in active)
             verifies += len(active)
             out.commit([rows[b][: int(n_acc[b])] + [int(tok[b])] for b in range(len(rows))])
         self.stats = {"verify_steps": verifies, "tokens_per_verify": committed / max(verifies, 1),
-                      "mean_accepted_drafts": committed / max(verifies, 1) - 1.0}
+                      "mean_accepted_drafts": committed / max(verifies, 1) - 1.0, "accepted": accepted}
         return out.tensor()
 
 
