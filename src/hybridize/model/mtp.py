@@ -187,7 +187,7 @@ class _Run:
         the backbone's slots, and keep its output at each row's last kept slot `last` (B,)."""
         embeds = self.model.model.embed_tokens(next_ids)
         h = self.model.mtp(hidden, embeds, attention_mask=self.cache.attention_mask, cache=self.mtp_cache)
-        self.h_mtp = h[torch.arange(h.shape[0]), last]
+        self.h_mtp = h[torch.arange(h.shape[0], device=h.device), last]
 
     def prefill(self) -> torch.Tensor:
         hidden, _ = self.model.model(self.ids, self.mask, cache=self.cache)
@@ -249,7 +249,7 @@ def _accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Te
     """Drafts accepted while they equal the backbone's argmax; the next token is the argmax after them."""
     target = logits.argmax(-1)  # (B, k+1)
     n_acc = (drafts == target[:, :-1]).long().cumprod(-1).sum(-1)
-    return n_acc, target[torch.arange(target.shape[0]), n_acc]
+    return n_acc, target[torch.arange(target.shape[0], device=target.device), n_acc]
 
 
 def _sample(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

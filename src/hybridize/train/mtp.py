@@ -58,8 +58,7 @@ def train_mtp(model: HybridForCausalLM, batches: PackedBatches, config: TrainMTP
     """Train `model.mtp` in place, backbone frozen; returns each step's per-depth losses."""
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("mtp."))
-    params = [p for p in model.mtp.parameters()]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.mtp.parameters(), lr=config.lr, weight_decay=0.0)
     model.train()
     history = []
     for step in range(config.steps):
