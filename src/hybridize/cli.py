@@ -7,6 +7,7 @@
     torchrun --nproc-per-node N -m hybridize distill ...      (the same run sharded over N GPUs)
     hybridize eval MODEL --data PATH [--teacher SOURCE] [--seq-len N] [--max-tokens N]
     hybridize eval MODEL --task passkey|niah [--teacher SOURCE] [--lengths 1k,2k,4k,8k] [--depths 0,50,100] [...]
+    hybridize train-mtp MODEL --data PATH [PATH ...] --out OUT [--steps N] [--batch-size N] [--seq-len N] [--lr X]
     hybridize plot RUN_DIR | EVAL.json
     hybridize heal SOURCE OUT --data PATH [PATH ...] [--tokens 50M] [--eval-data PATH ...] [--resume]
     hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|proxy]
@@ -582,6 +583,45 @@ def cmd_select(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------ train-mtp
+
+
+def add_train_mtp_parser(sub) -> None:
+    from .train.mtp import TrainMTPConfig
+
+    d = TrainMTPConfig()
+    p = sub.add_parser(
+        "train-mtp",
+        help="train a hybrid's MTP heads (speculative decoding) alone, backbone frozen, on its own predictions",
+        description="Load MODEL (a hybridize folder; heads are added when it has none), train its `mtp.*` heads on "
+        "--data with the backbone frozen: depth k learns the backbone's own argmax k tokens further "
+        "(self-distillation), and write the whole model to --out. Not resumable: runs are short.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a hybridize model folder")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH", help="text in any format `distill` reads")
+    p.add_argument("--out", required=True, metavar="OUT", help="folder to write the model with trained heads to")
+    p.add_argument("--steps", type=_positive_int, default=d.steps, help=f"[default: {d.steps}]")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"[default: {d.batch_size}]")
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help=f"[default: {d.seq_len}]")
+    p.add_argument("--lr", type=_float, default=d.lr, help=f"[default: {d.lr}]")
+    p.add_argument("--num-predict-tokens", type=_positive_int, default=None,
+                   help="MTP depths (tokens t+2 ..) [default: the model's, 4 for new heads]")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_train_mtp)
+
+
+def cmd_train_mtp(args) -> int:
+    from .train.mtp import TrainMTPConfig, run_train_mtp
+
+    config = TrainMTPConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                            num_predict_tokens=args.num_predict_tokens)
+    summary = run_train_mtp(args.model, args.data, args.out, config, force=args.force,
+                            progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- bench
 
 
@@ -877,6 +917,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_distill_parser(sub)
     add_heal_parser(sub)
+    add_train_mtp_parser(sub)
     add_eval_parser(sub)
     add_plot_parser(sub)
     add_bench_parser(sub)

@@ -38,8 +38,12 @@ _GENERIC_KEYS = {
     "model_type", "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "name_or_path",
     "rope_parameters", "rope_theta", "attention_qk_norm", "source_model_type", "chunk_size_feed_forward",
     "id2label", "label2id", "is_encoder_decoder", "output_attentions", "output_hidden_states", "problem_type",
-    "return_dict",
+    "return_dict", "mtp_num_hidden_layers", "num_predict_tokens", "mtp_loss_weight", "mtp_loss_decay",
 }  # fmt: skip
+# MTP: Qwen3.5's config keys for its one `mtp.*` module (transformers keeps them as plain attributes; vLLM's
+# qwen3_5_mtp reads mtp_num_hidden_layers). Our num_predict_tokens and loss weights are training/decoding knobs:
+# engines choose the number of drafts at serve time (vLLM: num_speculative_tokens).
+MTP_PREFIX = "mtp."
 
 # RoPE types both transformers' Qwen3_5TextRotaryEmbedding and vLLM's get_rope compute the same way, with the keys
 # each needs. Others are refused: "dynamic" (transformers rescales per sequence length, vLLM once for the maximum
@@ -110,6 +114,9 @@ def qwen3_5_config_dict(config: HybridConfig, raw: dict | None = None) -> dict:
     out.update({k: getattr(config, k) for k in SHARED_FIELDS})
     out["layer_types"] = list(config.layer_types)
     out["rope_parameters"] = _export_rope(config.rope_parameters)
+    if config.mtp_num_hidden_layers:
+        out["mtp_num_hidden_layers"] = config.mtp_num_hidden_layers
+        out["mtp_use_dedicated_embeddings"] = False  # the MTP module reads the backbone's embed_tokens and lm_head
     dtype = raw.get("dtype") or raw.get("torch_dtype")
     if dtype is not None:
         out["dtype"] = str(dtype).removeprefix("torch.")
@@ -124,8 +131,9 @@ def qwen3_5_to_hybrid_config(cfg_dict: dict) -> HybridConfig:
     """Read a `qwen3_5_text` config (a config.json dict or a Qwen3_5TextConfig) as a HybridConfig.
 
     transformers' Qwen3_5TextConfig interprets the dict first, so its defaults apply exactly: `layer_types` from
-    `full_attention_interval` when absent, `partial_rotary_factor` 0.25 when absent. Unknown keys (MTP settings)
-    are ignored; the MTP weights themselves are not imported.
+    `full_attention_interval` when absent, `partial_rotary_factor` 0.25 when absent. `mtp_num_hidden_layers: 1`
+    keeps the checkpoint's `mtp.*` module (our MTP heads); any other value imports without MTP heads (`mtp.*` is
+    then ignored: separate modules per depth are not supported).
     """
     from transformers import Qwen3_5TextConfig
 
@@ -145,6 +153,7 @@ def qwen3_5_to_hybrid_config(cfg_dict: dict) -> HybridConfig:
         rope_parameters=dict(q.rope_parameters),
         attention_qk_norm=True,
         source_model_type=cfg_dict.get("source_model_type") or QWEN3_5_MODEL_TYPE,
+        mtp_num_hidden_layers=1 if cfg_dict.get("mtp_num_hidden_layers") == 1 else 0,
     )
     cfg.architectures = ["HybridForCausalLM"]
     if getattr(q, "dtype", None) is not None:
@@ -155,8 +164,9 @@ def qwen3_5_to_hybrid_config(cfg_dict: dict) -> HybridConfig:
 # ------------------------------------------------------------------------------------------------------ tensors
 
 
-def _expected_specs(qdict: dict) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor transformers' Qwen3_5ForCausalLM loads for this config (meta device)."""
+def _expected_specs(qdict: dict, config: HybridConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor transformers' Qwen3_5ForCausalLM loads for this config (meta device), plus
+    the `mtp.*` tensors (transformers skips them; vLLM's qwen3_5_mtp loads them, names checked in tests)."""
     from transformers import Qwen3_5TextConfig
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5ForCausalLM
 
@@ -166,7 +176,17 @@ def _expected_specs(qdict: dict) -> dict[str, tuple[int, ...]]:
     specs = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     if qcfg.tie_word_embeddings:
         specs.pop("lm_head.weight", None)
-    return specs
+    return specs | {n: s for n, s in _hybrid_specs(config).items() if n.startswith(MTP_PREFIX)}
+
+
+def _hybrid_specs(cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor HybridForCausalLM(cfg) stores (meta device)."""
+    with torch.device("meta"):
+        model = HybridForCausalLM(cfg)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    return expected
 
 
 def _shapes(source) -> dict[str, tuple[int, ...]]:
@@ -192,19 +212,18 @@ def _check_tensors(folder: Path, have: dict[str, tuple[int, ...]], expected: dic
 
 def check_qwen3_5_source(source, cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
     """Refuse a qwen3_5_text checkpoint whose tensors (names, shapes) are not what `cfg` builds; returns the
-    expected name -> shape map (`mtp.*` ignored). Headers only: called before any output exists."""
-    with torch.device("meta"):
-        model = HybridForCausalLM(cfg)
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    _check_tensors(Path(source.path), _shapes(source), expected, ignore_prefixes=("mtp.",))
+    expected name -> shape map (`mtp.*` included when `cfg` has MTP heads, else ignored). Headers only: called
+    before any output exists."""
+    expected = _hybrid_specs(cfg)
+    ignore = () if cfg.mtp_num_hidden_layers else (MTP_PREFIX,)
+    _check_tensors(Path(source.path), _shapes(source), expected, ignore_prefixes=ignore)
     return expected
 
 
 def iter_qwen3_5_tensors(source, cfg: HybridConfig, dtype: torch.dtype | None = None
                          ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Import: yield (name, tensor) of a qwen3_5_text checkpoint for HybridForCausalLM(cfg); `mtp.*` is skipped.
+    """Import: yield (name, tensor) of a qwen3_5_text checkpoint for HybridForCausalLM(cfg) (`mtp.*` included when
+    cfg has MTP heads).
 
     `source` is a `hybridize.transfer.sources.Source`. Names and conventions are identical, so this is a copy.
     """
@@ -260,7 +279,7 @@ def export_qwen3_5(hybrid_dir, out, force: bool = False, max_shard_bytes: int = 
     qdict = qwen3_5_config_dict(config, raw)  # refusals happen here, before any output
     source = Source._from_folder(folder, config, "hybridize")  # headers only
     try:
-        expected = _expected_specs(qdict)
+        expected = _expected_specs(qdict, config)
     except Exception as e:  # transformers' strict config validation: a value the format refuses
         raise _refuse(" ".join(str(e).split())) from None
     _check_tensors(folder, _shapes(source), expected)

@@ -2,7 +2,9 @@
 
 Attention KV can be cut back to any length, but a DeltaNet state summarises the whole prefix and cannot: rolling
 back (speculative decoding rejects drafted tokens) goes through `snapshot()` / `restore()` instead, which copy the
-O(1)-size DeltaNet states and remember the KV length. Works with transformers' `generate` (see
+O(1)-size DeltaNet states and remember the KV length, or, for speculative decoding, through `checkpointing`:
+then a multi-token forward keeps the DeltaNet state after every position and `rollback(n_keep)` picks one per row
+(no replay). Works with transformers' `generate` (see
 HybridForCausalLM.prepare_inputs_for_generation) and with beam search (`reorder_cache`).
 """
 
@@ -35,6 +37,9 @@ class HybridCache:
         self.recurrent_states: dict[int, torch.Tensor | None] = {}  # layer -> (B, Hv, dk, dv) float32
         self.seq_length = 0  # tokens seen so far (padding included)
         self.attention_mask: torch.Tensor | None = None  # (B, seq_length) 2D padding mask, None = no padding
+        self.checkpointing = False  # keep DeltaNet states after every position of a forward, for rollback()
+        self.last_length = 0  # tokens the last forward added
+        self._checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (B, T, ...) conv, recurrent
 
     # --- what the layers call -------------------------------------------------------------------------------
     def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,9 +53,53 @@ class HybridCache:
         return self.conv_states.get(layer_idx), self.recurrent_states.get(layer_idx)
 
     def update_linear_state(self, layer_idx: int, conv_state, recurrent_state) -> None:
+        """Store a DeltaNet layer's new state; while `checkpointing`, both carry a time axis (B, T, ...) holding
+        the state after each position, and the last one becomes the current state."""
+        if self.checkpointing:
+            self._checkpoints[layer_idx] = (conv_state, recurrent_state)
+            conv_state, recurrent_state = conv_state[:, -1], recurrent_state[:, -1]
         self.conv_states[layer_idx], self.recurrent_states[layer_idx] = conv_state, recurrent_state
 
     # --- what the model and generate call -------------------------------------------------------------------
+    def advance(self, seq_length: int, attention_mask: torch.Tensor | None) -> None:
+        """Called by the model after a forward: the cache now holds `seq_length` tokens with this padding mask."""
+        self.last_length = seq_length - self.seq_length
+        self.seq_length, self.attention_mask = seq_length, attention_mask
+
+    def rollback(self, n_keep: torch.Tensor | int) -> None:
+        """Keep only the first `n_keep[b]` tokens of the last forward in row b (a checkpointing forward; 1 <= n_keep
+        <= its length), as if the rest had never been seen. DeltaNet states come from the per-position checkpoints,
+        so nothing is recomputed. Rows may keep different counts: attention KV is cut to the longest row and the
+        tokens a row rejected stay as masked holes (like padding: hidden from attention, not counted in positions).
+        """
+        T, past = self.last_length, self.seq_length - self.last_length
+        if not self.checkpointing or T == 0:
+            raise ValueError("rollback needs a forward run with cache.checkpointing = True")
+        B, device = self._batch()
+        n_keep = torch.as_tensor(n_keep).to("cpu", torch.long).expand(B)
+        if int(n_keep.min()) < 1 or int(n_keep.max()) > T:
+            raise ValueError(f"n_keep must lie in [1, {T}] (the last forward's length), got {n_keep.tolist()}")
+        for i, (conv, rec) in self._checkpoints.items():
+            rows = torch.arange(B, device=conv.device)
+            self.conv_states[i] = conv[rows, n_keep.to(conv.device) - 1]
+            self.recurrent_states[i] = rec[rows, n_keep.to(rec.device) - 1]
+        self._checkpoints = {}
+        keep = past + int(n_keep.max())
+        for i in self.key_cache:
+            self.key_cache[i] = self.key_cache[i][..., :keep, :]
+            self.value_cache[i] = self.value_cache[i][..., :keep, :]
+        mask = self.attention_mask
+        mask = torch.ones(B, past + T, dtype=torch.bool, device=device) if mask is None else mask.clone()
+        mask[:, past:] &= (torch.arange(T)[None, :] < n_keep[:, None]).to(mask.device)  # (B, T): tokens kept
+        self.seq_length, self.last_length = keep, 0
+        self.attention_mask = None if bool(mask[:, :keep].all()) else mask[:, :keep]
+
+    def _batch(self) -> tuple[int, torch.device]:
+        for store in (self.key_cache, self.conv_states):
+            for t in store.values():
+                if t is not None:
+                    return t.shape[0], t.device
+        raise ValueError("rollback on an empty cache")
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
 

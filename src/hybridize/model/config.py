@@ -121,6 +121,11 @@ class HybridConfig(PreTrainedConfig):
     DeltaNet layers use `linear_num_{key,value}_heads` heads of `linear_{key,value}_head_dim`; attention layers use
     `num_attention_heads` / `num_key_value_heads` heads of `head_dim`. `attention_qk_norm` says whether attention
     layers RMS-normalise q and k per head (Qwen3: yes; Llama: no).
+
+    Multi-token prediction (`hybridize.model.mtp`): `mtp_num_hidden_layers` 1 adds Qwen3.5's `mtp.*` module (0: no
+    heads), applied recursively `num_predict_tokens` times for tokens t+2..t+1+num_predict_tokens. With labels the
+    loss adds `mtp_loss_weight`·Σ_k `mtp_loss_decay`^(k−1)·L_k (a geometric decay: farther tokens are harder and
+    noisier, so they weigh less).
     """
 
     model_type = "hybridize"
@@ -150,6 +155,10 @@ class HybridConfig(PreTrainedConfig):
     linear_num_key_heads: int = 16
     linear_num_value_heads: int = 16
     layer_types: list[str] | None = None
+    mtp_num_hidden_layers: int = 0
+    num_predict_tokens: int = 4
+    mtp_loss_weight: float = 0.3
+    mtp_loss_decay: float = 0.8
     source_model_type: str | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -191,6 +200,19 @@ class HybridConfig(PreTrainedConfig):
         unknown = sorted({repr(t) for t in self.layer_types if t not in (LINEAR, FULL)})
         if unknown:
             raise ValueError(f"unknown layer types {', '.join(unknown)}; use {LINEAR!r} or {FULL!r}")
+        self.validate_mtp()
+
+    def validate_mtp(self):
+        """Raise ValueError for MTP settings that cannot be built or trained."""
+        if self.mtp_num_hidden_layers not in (0, 1) or isinstance(self.mtp_num_hidden_layers, bool):
+            raise ValueError(f"mtp_num_hidden_layers is {self.mtp_num_hidden_layers!r}; use 0 (no MTP heads) or 1 "
+                             "(the Qwen3.5 layout, applied recursively)")
+        if not _count(self.num_predict_tokens) or self.num_predict_tokens > 64:
+            raise ValueError(f"num_predict_tokens is {self.num_predict_tokens!r}; it must be an integer in [1, 64]")
+        weight = self.mtp_loss_weight
+        if not (_number(weight, -math.inf, math.inf) and weight >= 0) or not _number(self.mtp_loss_decay, 0, 1):
+            raise ValueError(f"mtp_loss_weight ({self.mtp_loss_weight!r}) must be >= 0 and mtp_loss_decay "
+                             f"({self.mtp_loss_decay!r}) must lie in (0, 1]")
 
 
 __all__ = ["HybridConfig", "check_config_fields", "check_rope_parameters", "layer_stats", "layer_types_from_pattern",

@@ -181,8 +181,10 @@ class GatedDeltaNet(nn.Module):
         if pad_mask is not None:  # zero padded tokens so they leave the conv and recurrent states untouched
             x = x * pad_mask[:, :, None].to(x.dtype)
         conv_state, recurrent_state = cache.linear_state(self.layer_idx) if cache is not None else (None, None)
+        every = cache is not None and cache.checkpointing  # speculative verify: keep the state after each token
         mixed, conv_state = short_conv(
-            self.in_proj_qkv(x), self.conv1d.weight.squeeze(1), conv_state, output_final_state=cache is not None
+            self.in_proj_qkv(x), self.conv1d.weight.squeeze(1), conv_state, output_final_state=cache is not None,
+            output_all_states=every,
         )  # (B, T, conv_dim), SiLU applied
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         o, recurrent_state = gated_delta_net(
@@ -190,7 +192,7 @@ class GatedDeltaNet(nn.Module):
             k.view(B, T, self.num_k_heads, self.head_k_dim),
             v.view(B, T, self.num_v_heads, self.head_v_dim),
             a=self.in_proj_a(x), b=self.in_proj_b(x), A_log=self.A_log, dt_bias=self.dt_bias,
-            initial_state=recurrent_state, output_final_state=cache is not None,
+            initial_state=recurrent_state, output_final_state=cache is not None, output_all_states=every,
         )  # (B, T, Hv, dv); q/k L2-normalised, decay and β computed inside
         if cache is not None:
             cache.update_linear_state(self.layer_idx, conv_state, recurrent_state)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -20,9 +21,9 @@ _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithP
 
 
 class HybridDecoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config: HybridConfig, layer_idx: int):
+    def __init__(self, config: HybridConfig, layer_idx: int, layer_type: str | None = None):
         super().__init__()
-        self.layer_type = config.layer_types[layer_idx]
+        self.layer_type = layer_type or config.layer_types[layer_idx]
         if self.layer_type == LINEAR:
             self.linear_attn = GatedDeltaNet(config, layer_idx)
         else:
@@ -98,6 +99,30 @@ def _attention_mask(pad: torch.Tensor | None, past: int, T: int, device) -> torc
     return mask
 
 
+class StepInputs(NamedTuple):
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    attn_mask: torch.Tensor | None  # SDPA mask, (B|1, 1, T, past+T)
+    new_pad: torch.Tensor | None  # (B, T) real new tokens, None = all real
+    pad: torch.Tensor | None  # (B, past+T) for the cache, None = no padding
+    seq_length: int  # past + T
+
+
+def prepare_step(x: torch.Tensor, attention_mask, position_ids, cache: HybridCache | None, rotary_emb) -> StepInputs:
+    """What a stack of decoder layers needs for the T new tokens `x` (B, T, D) on top of `cache`: rotary tables,
+    masks and positions. Shared by the backbone and the MTP module, so both read padding the same way (left
+    padding and speculative-decoding holes count as absent tokens: positions skip them)."""
+    B, T = x.shape[:2]
+    past = cache.get_seq_length() if cache is not None else 0
+    pad = _padding_mask(attention_mask, cache, past, T, B)
+    if position_ids is None:
+        if pad is None:
+            position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
+        else:  # left padding: real tokens count from 0
+            position_ids = (pad.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+    new_pad = None if pad is None else pad[:, -T:]
+    return StepInputs(rotary_emb(x, position_ids), _attention_mask(pad, past, T, x.device), new_pad, pad, past + T)
+
+
 class HybridModel(HybridPreTrainedModel):
     def __init__(self, config: HybridConfig):
         super().__init__(config)
@@ -112,37 +137,48 @@ class HybridModel(HybridPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 output_hidden_states=False):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        B, T = x.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
-        pad = _padding_mask(attention_mask, cache, past, T, B)
-        if position_ids is None:
-            if pad is None:
-                position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
-            else:  # left padding: real tokens count from 0
-                position_ids = (pad.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        attn_mask = _attention_mask(pad, past, T, x.device)
-        new_pad = None if pad is None else pad[:, -T:]
-        position_embeddings = self.rotary_emb(x, position_ids)
+        step = prepare_step(x, attention_mask, position_ids, cache, self.rotary_emb)
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layers:
-            x = layer(x, position_embeddings, attn_mask=attn_mask, pad_mask=new_pad, cache=cache)
+            x = layer(x, step.position_embeddings, attn_mask=step.attn_mask, pad_mask=step.new_pad, cache=cache)
             if output_hidden_states:
                 hidden_states.append(x)
         if cache is not None:
-            cache.seq_length = past + T
-            cache.attention_mask = pad
+            cache.advance(step.seq_length, step.pad)
         return self.norm(x), hidden_states
+
+
+@dataclass
+class HybridCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus `mtp_losses` (num_predict_tokens,): the unweighted cross-entropy of each MTP
+    depth (t+2, t+3, ...), already added into `loss` with their weights; None without labels or MTP heads."""
+
+    mtp_losses: torch.FloatTensor | None = None
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    _keys_to_ignore_on_load_unexpected = [r"^mtp\."]  # Qwen3.5 checkpoints' MTP module is not imported
+    # a Qwen3.5 checkpoint imported with mtp_num_hidden_layers = 0 carries `mtp.*` tensors nothing reads
+    _keys_to_ignore_on_load_unexpected = [r"^mtp\."]
 
     def __init__(self, config: HybridConfig):
+        from .mtp import MultiTokenPredictor  # mtp.py builds on this module's decoder layer
+
         super().__init__(config)
         self.model = HybridModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = MultiTokenPredictor(config) if config.mtp_num_hidden_layers else None
+        self._mtp_decoder = None
         self.post_init()
+
+    @property
+    def mtp_decoder(self):
+        """Lossless self-speculative decoding with the MTP heads (`hybridize.model.mtp.MTPDecoder`)."""
+        from .mtp import MTPDecoder
+
+        if self._mtp_decoder is None:
+            self._mtp_decoder = MTPDecoder(self)
+        return self._mtp_decoder
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -156,7 +192,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, output_hidden_states=False,
                 **kwargs) -> CausalLMOutputWithPast:
         """Logits for every (or the last `logits_to_keep`) position; `loss` is the shifted cross-entropy on
-        `labels` (−100 ignored). Pass a HybridCache (or `use_cache=True`) to decode incrementally."""
+        `labels` (−100 ignored), plus the weighted MTP losses when the model has MTP heads (`mtp_losses` holds each
+        depth's). Pass a HybridCache (or `use_cache=True`) to decode incrementally."""
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache and not self.training:
             cache = HybridCache(self.config)
@@ -167,8 +204,12 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        from .mtp import add_mtp_loss
+
+        loss, mtp_losses = add_mtp_loss(self, loss, hidden, input_ids, inputs_embeds, labels, attention_mask)
         hidden_states = tuple(all_hidden) if all_hidden is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states, **{_CACHE_FIELD: cache})
+        return HybridCausalLMOutput(loss=loss, logits=logits, hidden_states=hidden_states, mtp_losses=mtp_losses,
+                                    **{_CACHE_FIELD: cache})
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, **kwargs):
@@ -185,4 +226,4 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return inputs
 
 
-__all__ = ["HybridConfig", "HybridModel", "HybridForCausalLM", "HybridPreTrainedModel"]
+__all__ = ["HybridCausalLMOutput", "HybridConfig", "HybridModel", "HybridForCausalLM", "HybridPreTrainedModel"]

@@ -21,6 +21,7 @@ def causal_conv1d(
     state: torch.Tensor | None = None,
     output_final_state: bool = False,
     bias: torch.Tensor | None = None,
+    output_all_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Depthwise causal conv1d followed by SiLU.
 
@@ -30,6 +31,8 @@ def causal_conv1d(
         state: [B, D, W-1], the last W-1 inputs before x (zeros when None).
         output_final_state: also return the last W-1 inputs (of state ++ x), for continuing later.
         bias: optional [D].
+        output_all_states: return the state after every position instead, [B, T, D, W-1] (speculative decoding
+            rolls back to any of them).
 
     Returns:
         (silu(y) [B, T, D] in x.dtype, new_state [B, D, W-1] in x.dtype or None).
@@ -50,4 +53,6 @@ def causal_conv1d(
     b = None if bias is None else bias.to(x.dtype)
     y = F.conv1d(xs, w, b, groups=D)  # [B, D, T]: valid conv over the history-prefixed sequence
     new_state = xs[:, :, xs.shape[-1] - (W - 1) :].contiguous() if output_final_state else None
+    if output_all_states:  # window t+1 .. t+W-1 of xs is the history after token t
+        new_state = xs[:, :, 1:].unfold(-1, W - 1, 1).transpose(1, 2).contiguous()  # [B, T, D, W-1]
     return F.silu(y).transpose(1, 2), new_state

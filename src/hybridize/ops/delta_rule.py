@@ -158,13 +158,16 @@ def recurrent_gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    output_all_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token gated delta rule (decode, small T). Same arguments, returns and dtypes as
-    :func:`chunk_gated_delta_rule` (without ``chunk_size``); differentiable by autograd."""
+    :func:`chunk_gated_delta_rule` (without ``chunk_size``); differentiable by autograd.
+    ``output_all_states`` returns the state after every token, [B, T, Hv, K, V], instead of the final one: the
+    per-position checkpoints speculative decoding rolls back to."""
     v_dtype = v.dtype
     q, k, v, g, beta, S = _prepare(q, k, v, g, beta, scale, initial_state)
     T = k.shape[2]
-    outs = []
+    outs, states = [], []
     for t in range(T):
         k_t = k[:, :, t]  # [B, H, K]
         S = g[:, :, t].exp()[..., None, None] * S  # decay
@@ -172,5 +175,9 @@ def recurrent_gated_delta_rule(
         u = beta[:, :, t, None] * (v[:, :, t] - pred)  # delta-rule new value
         S = S + k_t[..., None] * u[..., None, :]  # rank-1 write k_t u^T
         outs.append((S * q[:, :, t, :, None]).sum(-2))  # S^T q_t
+        if output_all_states:
+            states.append(S)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape[0], 0, v.shape[1], v.shape[-1])
+    if output_all_states:
+        return o.to(v_dtype), torch.stack(states, dim=1)
     return o.to(v_dtype), (S if output_final_state else None)

@@ -161,13 +161,20 @@ def gated_delta_net(
     dt_bias: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    output_all_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Gated DeltaNet core from the layer's raw projections.
 
     q, k: [B, T, Hk, K] (not normalised); v: [B, T, Hv, V]; a, b: [B, T, Hv] raw decay / β projections;
     A_log, dt_bias: [Hv]. Computes l2norm(q), l2norm(k), g = −exp(A_log)·softplus(a + dt_bias), β = σ(b) and the
     gated delta rule with scale K^-½. Returns (o [B, T, Hv, V], final state [B, Hv, K, V] float32 or None).
+    `output_all_states` (speculative verify steps, a few tokens) returns the state after every token instead,
+    [B, T, Hv, K, V], from the PyTorch recurrence on any device.
     """
+    if output_all_states:
+        g, beta = gdn_decay(a, A_log, dt_bias), b.sigmoid()
+        return recurrent_gated_delta_rule(l2norm(q), l2norm(k), v, g, beta, initial_state=initial_state,
+                                          output_all_states=True)
     if not _use_fla(v):
         g, beta = gdn_decay(a, A_log, dt_bias), b.sigmoid()
         return _torch_gated_delta_rule(l2norm(q), l2norm(k), v, g, beta, None, initial_state, output_final_state)
@@ -177,10 +184,12 @@ def gated_delta_net(
 
 # ------------------------------------------------------------------------------------------------ conv and norms
 def short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None,
-               output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Depthwise causal conv + SiLU; x [B, T, D], weight [D, W], state [B, D, W − 1] (see ops.conv)."""
-    if not _use_fla(x):
-        return causal_conv1d(x, weight, state, output_final_state)
+               output_final_state: bool = False, output_all_states: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Depthwise causal conv + SiLU; x [B, T, D], weight [D, W], state [B, D, W − 1] (see ops.conv).
+    `output_all_states`: the state after every token, [B, T, D, W − 1] (PyTorch path on any device)."""
+    if output_all_states or not _use_fla(x):
+        return causal_conv1d(x, weight, state, output_final_state, output_all_states=output_all_states)
     h0 = None if state is None else F.pad(state.to(x.dtype), (1, 0)).contiguous()  # fla: the last W inputs
     y, ht = _fla().conv(x=x, weight=weight, initial_state=h0, output_final_state=output_final_state,
                         activation="silu", backend="triton")
