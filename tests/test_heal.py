@@ -112,8 +112,18 @@ def test_heal_runs_every_stage_and_brings_the_hybrid_closer(workspace, tmp_path,
     fresh = run_eval(str(out / "hybrid"), [str(workspace / "val.jsonl")], str(workspace / "teacher"), seq_len=32,
                      max_tokens=512, progress=False)
     assert evaluation["kl"] < 0.7 * fresh["kl"], (evaluation["kl"], fresh["kl"])
+    assert state["done"]["eval"]["fresh"][str(workspace / "val.jsonl")]["kl"] == pytest.approx(fresh["kl"], rel=1e-5)
+    assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(state["done"]["eval"]))
     assert summary["eval"][str(workspace / "val.jsonl")]["ratio"] == pytest.approx(
         evaluation["perplexity"] / evaluation["teacher_perplexity"], rel=1e-3)
+    # the benchmark's report reads the same numbers: fresh KL at 0 tokens, the final row per eval path
+    import subprocess
+    import sys
+
+    report = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "heal_report.py"),
+                             str(out), "--milestones", "0,1k"], capture_output=True, text=True, check=True).stdout
+    assert f"{evaluation['perplexity'] / evaluation['teacher_perplexity']:9.3f}" in report
+    assert f"{fresh['kl']:8.3f}" in report.splitlines()[-1]
 
 
 def test_resume_after_a_crash_gives_the_same_model(workspace, tmp_path, monkeypatch, capsys):

@@ -6,8 +6,8 @@
     kd       end-to-end distillation of every parameter on the teacher's distribution → OUT/kd
     long     distillation on long windows, the same tokens per step (skipped unless long_context_tokens) → OUT/long
     final    the last stage's model as a normal model folder → OUT/final
-    eval     perplexity, KL and greedy agreement against the teacher on each eval path, and passkey retrieval
-             when asked → OUT/eval.json
+    eval     perplexity, KL and greedy agreement against the teacher on each eval path, of the final model and
+             of the fresh conversion (the 0-token point); passkey retrieval when asked → OUT/eval.json
 
 Every stage is a `hybridize distill` run in its own folder (checkpoints, metrics.jsonl, curves.png), started from
 the previous stage's `final`. OUT/heal.json records the settings and each finished stage; `resume` skips finished
@@ -141,10 +141,15 @@ def _read_state(out: Path) -> dict:
                              "or the file was damaged: start a new --out") from None
 
 
+def _write_json(path: Path, value: dict) -> None:
+    """Whole or not at all: a crash mid-write leaves the previous file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(value), indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
 def _write_state(out: Path, state: dict) -> None:
-    tmp = out / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(json_safe(state), indent=2, default=str) + "\n")
-    tmp.replace(out / STATE_FILE)
+    _write_json(out / STATE_FILE, state)
 
 
 def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -267,13 +272,13 @@ def _link_final(model_dir: Path, out: Path) -> None:
 def _evaluate(job: HealJob, model_dir: Path, progress: bool) -> dict:
     from .train.run import run_eval
 
-    result: dict = {"model": str(model_dir), "teacher": job.source, "data": {}}
-    for path in job.eval_data:
-        _say(f"eval on {path}")
-        metrics = run_eval(str(model_dir), [path], teacher=job.source, seq_len=job.distill.seq_len,
-                           max_tokens=job.heal.eval_tokens, dtype=job.distill.dtype,
-                           chunk_tokens=job.distill.chunk_tokens, progress=progress)
-        result["data"][path] = metrics
+    result: dict = {"model": str(model_dir), "teacher": job.source, "data": {}, "fresh": {}}
+    for path in job.eval_data:  # the healed model, and the fresh conversion for the 0-token point
+        for key, folder in (("data", model_dir), ("fresh", job.out / "hybrid")):
+            _say(f"eval of {folder.name} on {path}")
+            result[key][path] = run_eval(str(folder), [path], teacher=job.source, seq_len=job.distill.seq_len,
+                                         max_tokens=job.heal.eval_tokens, dtype=job.distill.dtype,
+                                         chunk_tokens=job.distill.chunk_tokens, progress=progress)
     if job.heal.eval_passkey:
         from .evals.runner import LongContextConfig, run_longctx
 
@@ -328,6 +333,7 @@ def run_heal(job: HealJob, resume: bool = False, override: bool = False, progres
     if "eval" in plan and "eval" not in done:
         _say(f"[{len(plan)}/{len(plan)}] eval of {job.out / 'final'} against {job.source}")
         evaluation = _evaluate(job, job.out / "final", progress)
+        _write_json(job.out / "eval.json", evaluation)
         finish("eval", evaluation)
     state["seconds"] = round(state.get("seconds", 0) + time.perf_counter() - start, 1)
     _write_state(job.out, state)
@@ -345,15 +351,19 @@ def _plot(run_dir: Path) -> None:
         _say(f"no curves for {run_dir.name}: {e}")
 
 
+def _headline(m: dict) -> dict:
+    ratio = m["perplexity"] / m["teacher_perplexity"] if m.get("teacher_perplexity") else None
+    return {"perplexity": m.get("perplexity"), "teacher_perplexity": m.get("teacher_perplexity"),
+            "ratio": round(ratio, 4) if ratio else None, "kl": m.get("kl"), "agreement": m.get("agreement")}
+
+
 def _eval_summary(evaluation: dict | None) -> dict | None:
-    """Per eval path the headline numbers: perplexity ratio to the teacher, KL, agreement."""
+    """Per eval path the headline numbers (perplexity ratio to the teacher, KL, agreement), healed and fresh."""
     if not evaluation:
         return None
     out = {}
     for path, m in evaluation.get("data", {}).items():
-        ratio = m["perplexity"] / m["teacher_perplexity"] if m.get("teacher_perplexity") else None
-        out[path] = {"perplexity": m.get("perplexity"), "teacher_perplexity": m.get("teacher_perplexity"),
-                     "ratio": round(ratio, 4) if ratio else None, "kl": m.get("kl"), "agreement": m.get("agreement")}
+        out[path] = {**_headline(m), "fresh": _headline(evaluation["fresh"][path])}
     if "passkey" in evaluation:
         out["passkey"] = {role: grid.get("mean") for role, grid in evaluation["passkey"]["results"]["passkey"].items()}
     return out

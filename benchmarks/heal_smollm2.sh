@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The tokens-versus-quality matrix of issue 8 on SmolLM2-135M-Instruct (GGUF): one `hybridize heal` run per
+# {zero init, calibrated} x {uniform 3:1, selected attention layers} x seed, then one table.
+#
+#   benchmarks/heal_smollm2.sh GGUF CORPUS RUNS [VARIANT ...]
+#
+# CORPUS: a `hybridize corpus` folder (benchmarks/build_corpus.sh): train.jsonl for training and calibration,
+# val.jsonl and holdout.jsonl (a whole source never trained on) for evaluation. VARIANT: init-layers-seed, e.g.
+# zero-uniform-0 calibrated-selected-1 [default: the four variants with seed 0, then calibrated-uniform-1]. Each
+# run evaluates KL every EVAL_EVERY steps (the tokens-versus-quality curve) and passkey retrieval at the end;
+# re-running the script resumes unfinished runs and skips finished ones. On a 2-GPU host, GPU=0 and GPU=1 run two
+# variants at once (CUDA_VISIBLE_DEVICES). Env: TOKENS (50M), SEQ (2048), BATCH (16), EVAL_EVERY (50),
+# EVAL_TOKENS (262144), LAYERS (the selected attention layers, from `hybridize select-layers --method kl`).
+set -euo pipefail
+gguf=$1 corpus=$2 runs=$3
+shift 3
+variants=${*:-zero-uniform-0 calibrated-uniform-0 zero-selected-0 calibrated-selected-0 calibrated-uniform-1}
+py=${PYTHON:-python3}
+mkdir -p "$runs"
+if [ -z "${LAYERS:-}" ] && [[ "$variants" == *selected* ]]; then
+  [ -s "$runs/select.json" ] || "$py" -m hybridize select-layers "$gguf" --data "$corpus/train.jsonl" --keep 7 \
+      --method kl --json "$runs/select.json" --no-progress > /dev/null
+  LAYERS=$("$py" -c "import json, sys; print(','.join(map(str, json.load(open(sys.argv[1]))['attention_layers'])))" \
+      "$runs/select.json")
+fi
+for variant in $variants; do
+  IFS=- read -r init layers seed <<< "$variant"
+  out=$runs/$variant
+  if [ -f "$out/final/config.json" ] && grep -q '"eval"' "$out/heal.json"; then echo "== $variant: done"; continue; fi
+  args=(--data "$corpus/train.jsonl" --eval-data "$corpus/val.jsonl" "$corpus/holdout.jsonl"
+        --tokens "${TOKENS:-50M}" --seq-len "${SEQ:-2048}" --batch-size "${BATCH:-16}" --lr 5e-4 --min-lr 5e-5
+        --warmup 50 --save-every 100 --eval-every "${EVAL_EVERY:-50}" --eval-tokens "${EVAL_TOKENS:-262144}"
+        --eval-passkey 1k,2k,4k,8k --seed "$seed" --weights-dtype bfloat16 --no-progress)
+  [ "$init" = calibrated ] || args+=(--no-calibrate)
+  [ "$layers" = selected ] && args+=(--attention-layers "$LAYERS")
+  [ -d "$out" ] && args+=(--resume)
+  echo "== $variant $(date -u +%T)"
+  CUDA_VISIBLE_DEVICES=${GPU:-0} "$py" -m hybridize heal "$gguf" "$out" "${args[@]}" > "$out.json"
+done
+"$py" "$(dirname "$0")/heal_report.py" "$runs"/*/
