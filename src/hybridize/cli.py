@@ -10,6 +10,7 @@
     hybridize plot RUN_DIR | EVAL.json
     hybridize heal SOURCE OUT --data PATH [PATH ...] [--tokens 50M] [--eval-data PATH ...] [--resume]
     hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|proxy]
+    hybridize analyze-layers MODEL --data PATH [--tokens N] [--seq-len N] [--json FILE]
     hybridize bench --train [--shape qwen3-8b|smollm2|tiny] [--seq-len N] [--gpus N] [--json FILE]
     hybridize corpus OUT [--sources NAME ...] [--holdout NAME] [--val-fraction 0.01] [--max-mb-per-source N] [--list]
 
@@ -582,6 +583,47 @@ def cmd_select(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- analyze-layers
+
+
+def add_analyze_parser(sub) -> None:
+    from .transfer.analyze import AnalyzeConfig
+
+    d = AnalyzeConfig()
+    p = sub.add_parser(
+        "analyze-layers",
+        help="angular distance between consecutive layers and the proposed ETD encoder/think/decoder split",
+        description="Measure, on --data, the angular distance arccos(cos(h_i, h_i+1))/pi between consecutive "
+        "layers' hidden states of MODEL (averaged over tokens) and print (JSON) the encoder / think / decoder split "
+        "at the curve's knees (25/50/25% when it has none), as ETDConfig arguments.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a hybridize folder, or a source: folder, hub id or .gguf file")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH", help="text in any format `distill` reads")
+    p.add_argument("--tokens", type=_count, default=d.tokens, help=f"tokens of --data to use [default: {d.tokens}]")
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
+                   help=f"tokens per window [default: {d.seq_len}]")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"windows per forward pass [default: {d.batch_size}]")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype, help=f"[default: {d.dtype}]")
+    p.add_argument("--json", metavar="FILE", help="also write the report to FILE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args) -> int:
+    from dataclasses import fields
+
+    from .transfer.analyze import AnalyzeConfig, analyze_layers
+
+    config = AnalyzeConfig(**{f.name: getattr(args, f.name) for f in fields(AnalyzeConfig)})
+    report = analyze_layers(args.model, config, progress=not args.no_progress)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        _write_json(args.json, report)
+    print(text)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- bench
 
 
@@ -881,6 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot_parser(sub)
     add_bench_parser(sub)
     add_select_parser(sub)
+    add_analyze_parser(sub)
     add_corpus_parser(sub)
     return parser
 
