@@ -196,3 +196,22 @@ def test_create_full_hybrid_model_with_etd(tiny_qwen3_dir):
     assert (model(ids).logits - base(ids).logits).abs().max().item() <= 1e-5
     with pytest.raises(HybridizeError, match="use_etd is False"):
         create_full_hybrid_model(transfer, etd_config=ETDConfig())
+
+
+@torch.no_grad()
+def test_confidence_threshold_keeps_unsure_tokens_on_execute(random_etd):
+    """The first router sees the same input whatever the threshold: its decision must be the argmax where the
+    top probability reaches the threshold, EXECUTE elsewhere."""
+    model, ids, _ = random_etd
+    model(ids)
+    probs = model.model.last_routing["router_logits"][0].softmax(-1)
+    top, argmax = probs.max(-1)
+    threshold = float(top.median())
+    model.model.etd.etd.confidence_threshold = threshold
+    try:
+        model(ids)
+        first = model.model.last_routing["decisions"][0]
+    finally:
+        model.model.etd.etd.confidence_threshold = 0.0
+    expected = torch.where(top >= threshold, argmax, EXECUTE)
+    assert torch.equal(first, expected) and (expected == EXECUTE).sum() > (argmax == EXECUTE).sum()

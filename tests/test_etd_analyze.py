@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_etd import etd, tiny_hybrid
 
-from hybridize import HybridForCausalLM
+from hybridize import ETDForCausalLM, HybridForCausalLM
 from hybridize.cli import main
 from hybridize.transfer.analyze import AnalyzeConfig, analyze_layers, knee, propose_split
 from hybridize.transfer.convert import convert_to_folder
@@ -81,3 +81,27 @@ def test_export_refuses_an_etd_model(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Encode-Think-Decode" in err[0] and "no serving engine" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("part, steps, extra", [("experts", 4, []), ("routers", 2, ["--iterations", "1"])])
+def test_train_etd_resumes_exactly(hybrid_and_text, tmp_path, capsys, part, steps, extra):
+    """N steps in one run == N/2 steps, then --resume for the rest: same weights and losses, base untouched."""
+    folder, text = hybrid_and_text
+    common = ["--data", str(text), "--tokens", "128", "--seq-len", "16", "--batch-size", "2", "--lr", "0.01",
+              "--save-every", str(steps // 2), "--part", part, "--no-progress", *extra]
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    assert main(["train-etd", str(folder), str(once), "--steps", str(steps), *common]) == 0
+    assert main(["train-etd", str(folder), str(twice), "--steps", str(steps // 2), *common]) == 0
+    assert main(["train-etd", str(folder), str(twice), "--steps", str(steps), "--resume", *common]) == 0
+    a = ETDForCausalLM.from_pretrained(once / "model").state_dict()
+    b = ETDForCausalLM.from_pretrained(twice / "model").state_dict()
+    base = HybridForCausalLM.from_pretrained(folder).state_dict()
+    trained = [n for n in a if part[:-1] in n or (part == "experts" and "lora" in n)]
+    assert trained and all(torch.equal(p, b[n]) for n, p in a.items())
+    assert all(torch.equal(p, a[n]) for n, p in base.items())  # the base stays frozen
+    state = torch.load(once / "model" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == steps and len(state["losses"]) == steps
+    assert state["losses"] == torch.load(twice / "model" / "trainer_state.pt", weights_only=True)["losses"]
+    capsys.readouterr()
+    assert main(["train-etd", str(folder), str(once), *common]) == 2
+    assert "already exists" in capsys.readouterr().err
