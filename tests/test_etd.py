@@ -170,6 +170,19 @@ def test_generate_equals_full_forward_greedy(random_etd):
     assert torch.equal(out.sequences, seq)
 
 
+@torch.no_grad()
+def test_left_padded_batch_equals_each_row_alone(random_etd):
+    """Routes and expert choices of padded positions never reach real tokens."""
+    model, ids, _ = random_etd
+    ids = ids[:, :14]
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    out = model(ids.masked_fill(mask == 0, 0), attention_mask=mask).logits
+    for b in range(2):
+        n = int(mask[b].sum())
+        assert (out[b, -n:] - model(ids[b:b + 1, -n:]).logits[0]).abs().max().item() <= 1e-4
+
+
 # ----------------------------------------------------------------------------------------- save, load, create
 
 
