@@ -83,10 +83,12 @@ def test_export_refuses_an_etd_model(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("part, steps, extra", [("experts", 4, []), ("routers", 2, ["--iterations", "1"])])
+@pytest.mark.parametrize("part, steps, extra", [("experts", 4, ["--teacher", "BASE"]),
+                                               ("routers", 2, ["--iterations", "1"])])
 def test_train_etd_resumes_exactly(hybrid_and_text, tmp_path, capsys, part, steps, extra):
     """N steps in one run == N/2 steps, then --resume for the rest: same weights and losses, base untouched."""
     folder, text = hybrid_and_text
+    extra = [str(folder) if a == "BASE" else a for a in extra]  # experts: KD from the base hybrid itself
     common = ["--data", str(text), "--tokens", "128", "--seq-len", "16", "--batch-size", "2", "--lr", "0.01",
               "--save-every", str(steps // 2), "--part", part, "--no-progress", *extra]
     once, twice = tmp_path / "once", tmp_path / "twice"

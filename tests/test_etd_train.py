@@ -97,3 +97,15 @@ def test_expert_training_and_bias_balancing():
     router.load = torch.tensor([3.0, 1.0, 0.0, 0.0])  # mean 1
     update_expert_bias(model, rate=0.5)
     assert router.balance_bias.tolist() == [-0.5, 0.0, 0.5, 0.5] and router.load is None
+
+
+def test_expert_kd_starts_at_zero_against_the_models_own_logits():
+    """KL(teacher ‖ student) with the student's own logits as the teacher is 0 before the first update."""
+    model = etd(tiny_hybrid(), n_encoder_layers=1, n_think_layers=2, n_decoder_layers=1, use_layer_router=False)
+    freeze_for(model, "experts")
+    ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        own = model(ids).logits
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    assert abs(expert_step(model, ids, opt, teacher_logits=own)) <= 1e-6
+    assert expert_step(model, ids, opt, teacher_logits=own + torch.randn_like(own)) > 0.01

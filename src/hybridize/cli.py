@@ -662,6 +662,9 @@ def add_train_etd_parser(sub) -> None:
     p.add_argument("--num-experts", type=_positive_int, default=d.num_experts, help=f"[default: {d.num_experts}]")
     p.add_argument("--lora-rank", type=_positive_int, default=d.lora_rank, help=f"[default: {d.lora_rank}]")
     p.add_argument("--seed", type=_int, default=d.seed, help=f"init of new routers and experts [default: {d.seed}]")
+    p.add_argument("--teacher", metavar="MODEL", default=None,
+                   help="experts: distil from this model's logits (KL per token) instead of next-token CE "
+                   "[default: none]")
     p.add_argument("--resume", action="store_true", help="continue OUT from its last save")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

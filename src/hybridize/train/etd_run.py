@@ -4,7 +4,8 @@ MODEL is an ETD folder, or a plain hybrid that is wrapped first (`--iterations`,
 windows are the first `--tokens` tokens of --data, batch k of step s is fixed by s, and OUT/model holds the model
 plus `trainer_state.pt` (step, optimizer, losses), replaced atomically every `--save-every` steps: `--resume`
 continues exactly where the last save left off. Routers: per-batch greedy route search, then one focal-loss step
-(train/etd.py); experts: one CE step (no teacher in this first version), then the balance-bias update.
+(train/etd.py); experts: one CE step, or KL to `--teacher`'s logits (the source, or the base hybrid), then the
+balance-bias update.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class TrainETDConfig:
     num_experts: int = 4
     lora_rank: int = 8
     seed: int = 0
+    teacher: str | None = None
     data: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -79,12 +81,16 @@ def _save(model: ETDForCausalLM, tokenizer, state: dict, out: Path) -> None:
     tmp.rename(final)
 
 
-def _step(model, batch, optimizer, cfg: TrainETDConfig) -> float:
+def _step(model, batch, optimizer, cfg: TrainETDConfig, teacher=None) -> float:
     if cfg.part == "routers":
         model.eval()
         routes, _ = search_routes(model, batch, cfg.skip_bonus)
         return router_step(model, batch, routes, optimizer, cfg.gamma)
-    return expert_step(model, batch, optimizer, balance_rate=cfg.balance_rate)
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(batch).logits
+    return expert_step(model, batch, optimizer, teacher_logits, balance_rate=cfg.balance_rate)
 
 
 def train_etd(model_path: str, out: str | Path, cfg: TrainETDConfig, resume: bool = False, force: bool = False,
@@ -104,6 +110,11 @@ def train_etd(model_path: str, out: str | Path, cfg: TrainETDConfig, resume: boo
     windows = _windows(model_path, cfg)
     tokenizer = load_tokenizer(model_path)
     model = ETDForCausalLM.from_pretrained(saved) if resume else _load(model_path, cfg)
+    teacher = None
+    if cfg.teacher and cfg.part == "experts":
+        from .models import load_language_model
+
+        teacher = load_language_model(cfg.teacher, torch.float32, progress=False)
     freeze_for(model, cfg.part)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     state = {"step": 0, "losses": []}
@@ -116,7 +127,7 @@ def train_etd(model_path: str, out: str | Path, cfg: TrainETDConfig, resume: boo
     for step in tqdm(range(state["step"], cfg.steps), desc=f"train-etd {cfg.part}", disable=not progress):
         first = (step * cfg.batch_size) % len(windows)
         batch = windows[first:first + cfg.batch_size]
-        state["losses"].append(_step(model, batch, optimizer, cfg))
+        state["losses"].append(_step(model, batch, optimizer, cfg, teacher))
         state["step"] = step + 1
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
             _save(model, tokenizer, {**state, "optimizer": optimizer.state_dict()}, out)
