@@ -220,11 +220,11 @@ def test_confidence_threshold_keeps_unsure_tokens_on_execute(random_etd):
     probs = model.model.last_routing["router_logits"][0].softmax(-1)
     top, argmax = probs.max(-1)
     threshold = float(top.median())
-    model.model.etd.etd.confidence_threshold = threshold
+    model.model.etd.settings.confidence_threshold = threshold
     try:
         model(ids)
         first = model.model.last_routing["decisions"][0]
     finally:
-        model.model.etd.etd.confidence_threshold = 0.0
+        model.model.etd.settings.confidence_threshold = 0.0
     expected = torch.where(top >= threshold, argmax, EXECUTE)
     assert torch.equal(first, expected) and (expected == EXECUTE).sum() > (argmax == EXECUTE).sum()

@@ -205,7 +205,7 @@ class ETDModules(nn.Module):
 
     def __init__(self, config: ETDHybridConfig):
         super().__init__()
-        etd = self.etd = config.etd_config()
+        etd = self.settings = config.etd_config()
         d, grid = config.hidden_size, range(etd.max_think_iterations)
         if etd.use_layer_router:
             self.layer_router = nn.ModuleList(
@@ -286,7 +286,7 @@ class ETDModel(_ETDInitMixin, HybridModel):
         self.post_init()
 
     def run_layers(self, x, position_embeddings, attn_mask, pad_mask, cache, hidden_states: list | None):
-        etd = self.etd.etd
+        etd = self.etd.settings
         self.last_routing = {"router_logits": [], "decisions": [], "expert_choice": []}
 
         def step(layer, x, slot, mlp=None):
@@ -305,9 +305,9 @@ class ETDModel(_ETDInitMixin, HybridModel):
 
     def _think(self, t: int, j: int, layer, x, step, cache):
         """Think layer j at iteration t: run, then each token selects SKIP / EXECUTE / REPEAT (see module doc)."""
-        L, T = self.config.num_hidden_layers, self.etd.etd.max_think_iterations
+        L, T = self.config.num_hidden_layers, self.etd.settings.max_think_iterations
         mlp = None
-        if self.etd.etd.use_lora_experts:
+        if self.etd.settings.use_lora_experts:
             mlp = mlp_with_experts(layer.mlp, self.etd.lora[j], self.etd.expert_router[t][j],
                                    self.last_routing["expert_choice"])
         decision = self._decide(t, j, x)
@@ -320,14 +320,14 @@ class ETDModel(_ETDInitMixin, HybridModel):
 
     def _decide(self, t: int, j: int, x: torch.Tensor) -> torch.Tensor | None:
         """(B, T) route per token from the router (argmax; EXECUTE unless confident), or the forced routes."""
-        if not self.etd.etd.use_layer_router:
+        if not self.etd.settings.use_layer_router:
             return None
         logits = self.etd.layer_router[t][j](x)  # (B, T, 3)
         if self.forced_routes is not None:
             decision = self.forced_routes[:, t, j, None].expand(x.shape[:2]).to(x.device)
         else:
             confidence, decision = logits.detach().float().softmax(-1).max(-1)
-            decision = torch.where(confidence < self.etd.etd.confidence_threshold, EXECUTE, decision)
+            decision = torch.where(confidence < self.etd.settings.confidence_threshold, EXECUTE, decision)
         self.last_routing["router_logits"].append(logits)
         self.last_routing["decisions"].append(decision)
         return decision

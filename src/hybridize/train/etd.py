@@ -70,7 +70,7 @@ def sequence_logliks(model: ETDForCausalLM, ids: torch.Tensor, routes: torch.Ten
 
 
 def _grid(model: ETDForCausalLM) -> tuple[int, int]:
-    etd = model.model.etd.etd
+    etd = model.model.etd.settings
     if not etd.use_layer_router:
         raise HybridizeError("the model has no layer router (ETDConfig.use_layer_router=False)")
     return etd.max_think_iterations, etd.n_think_layers
