@@ -109,3 +109,20 @@ def test_expert_kd_starts_at_zero_against_the_models_own_logits():
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     assert abs(expert_step(model, ids, opt, teacher_logits=own)) <= 1e-6
     assert expert_step(model, ids, opt, teacher_logits=own + torch.randn_like(own)) > 0.01
+
+
+def test_gradient_checkpointing_gives_the_same_expert_gradients():
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = etd(tiny_hybrid(), n_encoder_layers=1, n_think_layers=2, n_decoder_layers=1)
+        with torch.no_grad():
+            for p in model.model.etd.lora.parameters():
+                p.normal_(0, 0.1)
+        freeze_for(model, "experts")
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 1e-3 and torch.equal(grads[0], grads[1])
