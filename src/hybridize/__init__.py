@@ -9,12 +9,16 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .errors import HybridizeError
 from .model.cache import HybridCache
 from .model.config import HybridConfig
+from .model.etd import ETDConfig, ETDForCausalLM, ETDHybridConfig, ETDModel
 from .model.modeling import HybridForCausalLM, HybridModel
 from .transfer.config import CrossArchTransferConfig, HybridAttentionConfig
 
 AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
 AutoModel.register(HybridConfig, HybridModel, exist_ok=True)
 AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
+AutoConfig.register(ETDHybridConfig.model_type, ETDHybridConfig, exist_ok=True)
+AutoModel.register(ETDHybridConfig, ETDModel, exist_ok=True)
+AutoModelForCausalLM.register(ETDHybridConfig, ETDForCausalLM, exist_ok=True)
 
 from .train.config import DistillConfig  # noqa: E402
 from .train.trainer import DistillationTrainer  # noqa: E402
@@ -25,6 +29,8 @@ __all__ = [
     "CrossArchTransferConfig",
     "DistillConfig",
     "DistillationTrainer",
+    "ETDConfig",
+    "ETDForCausalLM",
     "HybridAttentionConfig",
     "HybridCache",
     "HybridConfig",

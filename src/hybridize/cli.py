@@ -11,6 +11,8 @@
     hybridize plot RUN_DIR | EVAL.json
     hybridize heal SOURCE OUT --data PATH [PATH ...] [--tokens 50M] [--eval-data PATH ...] [--resume]
     hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|proxy]
+    hybridize analyze-layers MODEL --data PATH [--tokens N] [--seq-len N] [--json FILE]
+    hybridize train-etd MODEL OUT --data PATH [--part routers|experts] [--steps N] [--split E,K,D] [--resume]
     hybridize bench --train [--shape qwen3-8b|smollm2|tiny] [--seq-len N] [--gpus N] [--json FILE]
     hybridize corpus OUT [--sources NAME ...] [--holdout NAME] [--val-fraction 0.01] [--max-mb-per-source N] [--list]
 
@@ -622,6 +624,105 @@ def cmd_train_mtp(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- analyze-layers
+
+
+def add_analyze_parser(sub) -> None:
+    from .transfer.analyze import AnalyzeConfig
+
+    d = AnalyzeConfig()
+    p = sub.add_parser(
+        "analyze-layers",
+        help="angular distance between consecutive layers and the proposed ETD encoder/think/decoder split",
+        description="Measure, on --data, the angular distance arccos(cos(h_i, h_i+1))/pi between consecutive "
+        "layers' hidden states of MODEL (averaged over tokens) and print (JSON) the encoder / think / decoder split "
+        "at the curve's knees (25/50/25% when it has none), as ETDConfig arguments.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a hybridize folder, or a source: folder, hub id or .gguf file")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH", help="text in any format `distill` reads")
+    p.add_argument("--tokens", type=_count, default=d.tokens, help=f"tokens of --data to use [default: {d.tokens}]")
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
+                   help=f"tokens per window [default: {d.seq_len}]")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"windows per forward pass [default: {d.batch_size}]")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype, help=f"[default: {d.dtype}]")
+    p.add_argument("--json", metavar="FILE", help="also write the report to FILE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args) -> int:
+    from dataclasses import fields
+
+    from .transfer.analyze import AnalyzeConfig, analyze_layers
+
+    config = AnalyzeConfig(**{f.name: getattr(args, f.name) for f in fields(AnalyzeConfig)})
+    report = analyze_layers(args.model, config, progress=not args.no_progress)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        _write_json(args.json, report)
+    print(text)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ train-etd
+
+
+def add_train_etd_parser(sub) -> None:
+    from .train.etd import PARTS
+    from .train.etd_run import TrainETDConfig
+
+    d = TrainETDConfig()
+    p = sub.add_parser(
+        "train-etd",
+        help="train an Encode-Think-Decode model's layer routers or LoRA experts with the base frozen",
+        description="Train the routers (from per-sequence route-search labels, focal loss) or the LoRA experts "
+        "(next-token CE, bias-balanced) of MODEL, an ETD folder or a hybrid that is first wrapped with --iterations "
+        "/ --split. OUT/model is saved every --save-every steps; --resume continues from it.",
+    )
+    p.add_argument("model", metavar="MODEL", help="an ETD folder (train-etd output) or a hybridize folder")
+    p.add_argument("output", metavar="OUT", help="run folder; the model is written to OUT/model")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH", help="text in any format `distill` reads")
+    p.add_argument("--part", choices=PARTS, default=d.part, help=f"what trains [default: {d.part}]")
+    p.add_argument("--steps", type=_positive_int, default=d.steps, help=f"[default: {d.steps}]")
+    p.add_argument("--lr", type=_float, default=d.lr, help=f"AdamW learning rate [default: {d.lr}]")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"[default: {d.batch_size}]")
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help=f"[default: {d.seq_len}]")
+    p.add_argument("--tokens", type=_count, default=d.tokens, help=f"tokens of --data [default: {d.tokens}]")
+    p.add_argument("--gamma", type=_float, default=d.gamma, help=f"focal-loss gamma [default: {d.gamma}]")
+    p.add_argument("--skip-bonus", type=_float, default=d.skip_bonus,
+                   help=f"route search: nats per token a SKIP may cost and still be kept [default: {d.skip_bonus}]")
+    p.add_argument("--balance-rate", type=_float, default=d.balance_rate,
+                   help=f"expert balance-bias step per update [default: {d.balance_rate}]")
+    p.add_argument("--save-every", type=_positive_int, default=d.save_every, help=f"[default: {d.save_every}]")
+    p.add_argument("--iterations", type=_positive_int, default=d.iterations,
+                   help=f"wrapping a hybrid: think iterations [default: {d.iterations}]")
+    p.add_argument("--split", type=_int_list, default=None, metavar="E,K,D",
+                   help="wrapping a hybrid: encoder, think, decoder layers [default: 25/50/25%%]")
+    p.add_argument("--num-experts", type=_positive_int, default=d.num_experts, help=f"[default: {d.num_experts}]")
+    p.add_argument("--lora-rank", type=_positive_int, default=d.lora_rank, help=f"[default: {d.lora_rank}]")
+    p.add_argument("--seed", type=_int, default=d.seed, help=f"init of new routers and experts [default: {d.seed}]")
+    p.add_argument("--teacher", metavar="MODEL", default=None,
+                   help="experts: distil from this model's logits (KL per token) instead of next-token CE "
+                   "[default: none]")
+    p.add_argument("--resume", action="store_true", help="continue OUT from its last save")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train_etd)
+
+
+def cmd_train_etd(args) -> int:
+    from dataclasses import fields
+
+    from .train.etd_run import TrainETDConfig, train_etd
+
+    config = TrainETDConfig(**{f.name: getattr(args, f.name) for f in fields(TrainETDConfig)})
+    summary = train_etd(args.model, args.output, config, resume=args.resume, force=args.force,
+                        progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- bench
 
 
@@ -922,6 +1023,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot_parser(sub)
     add_bench_parser(sub)
     add_select_parser(sub)
+    add_analyze_parser(sub)
+    add_train_etd_parser(sub)
     add_corpus_parser(sub)
     return parser
 

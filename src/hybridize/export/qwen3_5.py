@@ -248,6 +248,9 @@ def _read_hybrid(hybrid_dir) -> tuple[Path, dict, HybridConfig]:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8, absurd nesting
         raise HybridizeError(f"{config_file} is not valid JSON: {e}") from None
+    if isinstance(raw, dict) and raw.get("model_type") == "hybridize_etd":
+        raise _refuse("it is an Encode-Think-Decode model (looped think block, layer routers, LoRA experts), which "
+                      "no serving engine runs yet")
     if not isinstance(raw, dict) or raw.get("model_type") != HybridConfig.model_type:
         got = raw.get("model_type") if isinstance(raw, dict) else None
         raise HybridizeError(

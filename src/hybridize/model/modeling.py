@@ -32,14 +32,16 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, attn_mask=None, pad_mask=None, cache=None):
+    def forward(self, hidden_states, position_embeddings, attn_mask=None, pad_mask=None, cache=None, mlp=None):
+        """`mlp` replaces self.mlp for this call (ETD's LoRA experts wrap it); `cache` may be any object with the
+        HybridCache layer interface (ETD passes a view with per-iteration slots)."""
         h = self.input_layernorm(hidden_states)
         if self.layer_type == LINEAR:
             h = self.linear_attn(h, pad_mask=pad_mask, cache=cache)
         else:
             h = self.self_attn(h, position_embeddings, attn_mask=attn_mask, cache=cache)
         hidden_states = hidden_states + h
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + (mlp or self.mlp)(self.post_attention_layernorm(hidden_states))
 
 
 class HybridPreTrainedModel(PreTrainedModel):
@@ -139,13 +141,18 @@ class HybridModel(HybridPreTrainedModel):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         step = prepare_step(x, attention_mask, position_ids, cache, self.rotary_emb)
         hidden_states = [x] if output_hidden_states else None
-        for layer in self.layers:
-            x = layer(x, step.position_embeddings, attn_mask=step.attn_mask, pad_mask=step.new_pad, cache=cache)
-            if output_hidden_states:
-                hidden_states.append(x)
+        x = self.run_layers(x, step.position_embeddings, step.attn_mask, step.new_pad, cache, hidden_states)
         if cache is not None:
             cache.advance(step.seq_length, step.pad)
         return self.norm(x), hidden_states
+
+    def run_layers(self, x, position_embeddings, attn_mask, pad_mask, cache, hidden_states: list | None):
+        """The decoder stack on the embedded tokens (its own method so that ETD can loop part of it)."""
+        for layer in self.layers:
+            x = layer(x, position_embeddings, attn_mask=attn_mask, pad_mask=pad_mask, cache=cache)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        return x
 
 
 @dataclass

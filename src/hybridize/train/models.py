@@ -78,6 +78,11 @@ def load_language_model(source: str | Path, dtype: torch.dtype, progress: bool =
         if local_dir and _model_type(path) == "hybridize":
             check_student_folder(path)
             model = HybridForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        elif local_dir and _model_type(path) == "hybridize_etd":
+            from ..model.etd import ETDForCausalLM
+
+            safetensors_files(path)
+            model = ETDForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
         elif path.suffix == ".gguf" and path.is_file():
             require_gguf()
             read_source_config(source)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..errors import HybridizeError
 from ..export.qwen3_5 import check_qwen3_5_source, iter_qwen3_5_tensors, qwen3_5_to_hybrid_config
 from ..model.config import HybridConfig, layer_stats
+from ..model.etd import ETDConfig, etd_from_hybrid
 from ..model.modeling import HybridForCausalLM
 from ..output import atomic_output_folder, check_not_an_input, copy_side_files
 from .config import CrossArchTransferConfig, HybridAttentionConfig, hybrid_config_from_source
@@ -111,12 +112,21 @@ def create_hybrid_from_qwen3(source, config: CrossArchTransferConfig | HybridAtt
     return model.eval()
 
 
-def create_full_hybrid_model(config: CrossArchTransferConfig, device: str | torch.device = "cpu",
-                             dtype: torch.dtype | str | None = None) -> HybridForCausalLM:
-    """The whole conversion described by one CrossArchTransferConfig (its `source_model` is the source)."""
+def create_full_hybrid_model(config: CrossArchTransferConfig | str, device: str | torch.device = "cpu",
+                             dtype: torch.dtype | str | None = None, use_etd: bool = False,
+                             etd_config: ETDConfig | None = None) -> HybridForCausalLM:
+    """The whole conversion described by one CrossArchTransferConfig (its `source_model` is the source; a plain
+    source path means the default transfer). `use_etd=True` wraps the hybrid in Encode–Think–Decode looping
+    (`etd_config`, default ETDConfig(): 25/50/25% split, 2 iterations, router, 4 LoRA experts); untrained, its
+    routers always EXECUTE and its experts add zero, so it differs from the hybrid only by the repeated iterations."""
+    if isinstance(config, (str, Path)):
+        config = CrossArchTransferConfig(source_model=str(config))
     if not config.source_model:
         raise HybridizeError("CrossArchTransferConfig.source_model is empty: name a folder, hub id or .gguf file")
-    return create_hybrid_from_qwen3(config.source_model, config, device=device, dtype=dtype)
+    if etd_config is not None and not use_etd:
+        raise HybridizeError("etd_config is given but use_etd is False; pass use_etd=True to build an ETD model")
+    model = create_hybrid_from_qwen3(config.source_model, config, device=device, dtype=dtype)
+    return etd_from_hybrid(model, etd_config or ETDConfig()).eval() if use_etd else model
 
 
 def _peak_rss_gb() -> float:
