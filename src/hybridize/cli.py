@@ -90,8 +90,8 @@ def add_convert_parser(sub) -> None:
             "transferring its weights, and write it as a Hugging Face model folder (safetensors, config, tokenizer). "
             "Layer i becomes Gated DeltaNet when i % PERIOD is in PATTERN; the other layers stay softmax attention "
             "with a sigmoid output gate. With --calibrate DATA each DeltaNet layer is then fitted to the source's "
-            "attention output on DATA (decay, output gate, out_proj, a short Adam fit), which brings a fresh hybrid "
-            "much closer to its teacher before any distillation."
+            "attention output on DATA (decay, output gate, least-squares out_proj, optionally Adam), which brings "
+            "a fresh hybrid much closer to its teacher before any distillation."
         ),
     )
     p.add_argument(
@@ -196,7 +196,8 @@ def add_calibrate_arguments(p) -> None:
     g.add_argument("--calibrate-seq-len", type=_positive_int, default=None, metavar="N",
                    help=f"tokens per calibration window [default: {d.calibrate_seq_len}]")
     g.add_argument("--calibrate-steps", type=_nonnegative_int, default=None, metavar="N",
-                   help="Adam steps of the attention-transfer fit per DeltaNet layer; 0 = closed-form init only "
+                   help="Adam steps of the attention-transfer fit per DeltaNet layer after the closed-form init; 0 = "
+                   "closed-form only (measured enough for SmolLM2; each step costs a DeltaNet forward and backward) "
                    f"[default: {d.calibrate_steps}]")
     g.add_argument("--calibrate-batch-size", type=_positive_int, default=None, metavar="N",
                    help=f"windows per Adam step [default: {d.calibrate_batch_size}]")

@@ -60,9 +60,9 @@ class CrossArchTransferConfig:
     distillation_alpha: float = 0.5
     seed: int = 0
     calibrate_data: list[str] | None = None
-    calibrate_tokens: int = 65_536
+    calibrate_tokens: int = 16_384
     calibrate_seq_len: int = 512
-    calibrate_steps: int = 100
+    calibrate_steps: int = 0
     calibrate_batch_size: int = 4
     calibrate_lr: float = 1e-3
 
