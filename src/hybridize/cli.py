@@ -2,6 +2,7 @@
 
     hybridize convert SOURCE OUTPUT [--pattern 0,1,2] [--period 4] [--attention-layers 3,7] [--gate-init ones]
                                     [--dtype bfloat16] [--dry-run] [--force] [--seed 0]
+                                    [--calibrate DATA [DATA ...] [--calibrate-tokens 64k] [--calibrate-steps N] ...]
     hybridize export HYBRID_DIR OUT [--format qwen3_5] [--force]
     hybridize distill --teacher SOURCE --student HYBRID_DIR --data PATH [PATH ...] --out RUN_DIR [...]
     torchrun --nproc-per-node N -m hybridize distill ...      (the same run sharded over N GPUs)
@@ -127,7 +128,9 @@ def add_convert_parser(sub) -> None:
             "Convert a pretrained Qwen3 / Llama-family model into a Gated DeltaNet + gated-attention hybrid by "
             "transferring its weights, and write it as a Hugging Face model folder (safetensors, config, tokenizer). "
             "Layer i becomes Gated DeltaNet when i % PERIOD is in PATTERN; the other layers stay softmax attention "
-            "with a sigmoid output gate."
+            "with a sigmoid output gate. With --calibrate DATA each DeltaNet layer is then fitted to the source's "
+            "attention output on DATA (decay, output gate, least-squares out_proj, optionally Adam), which brings "
+            "a fresh hybrid much closer to its teacher before any distillation."
         ),
     )
     p.add_argument(
@@ -161,9 +164,66 @@ def add_convert_parser(sub) -> None:
         "--seed",
         type=_int,
         default=0,
-        help="random seed for the newly initialised parameters (DeltaNet projections, 'small' gates) [default: 0]",
+        help="random seed for the newly initialised parameters (DeltaNet projections, 'small' gates) and the "
+        "calibration windows [default: 0]",
     )
+    add_calibrate_arguments(p)
     p.set_defaults(func=cmd_convert)
+
+
+def _nonnegative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+CALIBRATE_FLAGS = ("calibrate_tokens", "calibrate_seq_len", "calibrate_steps", "calibrate_batch_size", "calibrate_lr")
+
+
+def add_calibrate_arguments(p) -> None:
+    """--calibrate and its sizes: the CrossArchTransferConfig.calibrate_* fields, 1:1."""
+    from .transfer.config import CrossArchTransferConfig
+
+    d = CrossArchTransferConfig()
+    g = p.add_argument_group("calibration (a fresh hybrid close to its teacher; see transfer/calibrate.py)")
+    g.add_argument("--calibrate", dest="calibrate_data", nargs="+", metavar="DATA",
+                   help="fit each DeltaNet layer to the source's attention output on this text (any format distill "
+                   "reads: text, JSONL, parquet, datasets folders, .npy tokens), layer by layer with the teacher's "
+                   "own layer inputs; on CUDA when available [default: no calibration, DeltaNet layers start as "
+                   "no-ops]")
+    g.add_argument("--calibrate-tokens", type=_count, default=None, metavar="N",
+                   help=f"tokens of DATA to calibrate on (e.g. 64k), drawn as seeded random windows "
+                   f"[default: {d.calibrate_tokens}]")
+    g.add_argument("--calibrate-seq-len", type=_positive_int, default=None, metavar="N",
+                   help=f"tokens per calibration window [default: {d.calibrate_seq_len}]")
+    g.add_argument("--calibrate-steps", type=_nonnegative_int, default=None, metavar="N",
+                   help="Adam steps of the attention-transfer fit per DeltaNet layer after the closed-form init; 0 = "
+                   "closed-form only (measured enough for SmolLM2; each step costs a DeltaNet forward and backward) "
+                   f"[default: {d.calibrate_steps}]")
+    g.add_argument("--calibrate-batch-size", type=_positive_int, default=None, metavar="N",
+                   help=f"windows per Adam step [default: {d.calibrate_batch_size}]")
+    g.add_argument("--calibrate-lr", type=_positive_float, default=None, metavar="LR",
+                   help=f"peak Adam learning rate of the fit (warmup, cosine decay) [default: {d.calibrate_lr}]")
+
+
+def _calibrate_kwargs(args) -> dict:
+    """The calibrate_* config fields the user gave; a size without --calibrate is a mistake, not a no-op."""
+    given = {name: getattr(args, name) for name in CALIBRATE_FLAGS if getattr(args, name) is not None}
+    if given and not args.calibrate_data:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise HybridizeError(f"{flag} needs --calibrate DATA")
+    for path in args.calibrate_data or []:
+        if not os.path.exists(os.path.expanduser(path)):
+            raise HybridizeError(f"calibration data {path} does not exist")
+    return {"calibrate_data": args.calibrate_data, **given} if args.calibrate_data else {}
 
 
 def _attention_config(args, num_layers: int):
@@ -190,11 +250,15 @@ def cmd_convert(args) -> int:
 
     if not args.dry_run and not args.output:
         raise HybridizeError("convert needs an OUTPUT folder (or --dry-run to only print the plan)")
+    calibrate = _calibrate_kwargs(args)
     source_config, family = read_source_config(args.source)  # cheap: config only, fails before any work
     if family == "qwen3_5_text" and (args.pattern, args.period, args.attention_layers) != (None, None, None):
         raise HybridizeError(
             f"{args.source} is already a hybrid (qwen3_5_text); --pattern/--period/--attention-layers do not apply"
         )
+    if calibrate and family == "qwen3_5_text":
+        raise HybridizeError(f"{args.source} is already a hybrid (qwen3_5_text); --calibrate needs an attention "
+                             "source (Qwen3 / Llama) as the teacher")
     attention = _attention_config(args, source_config.num_hidden_layers)
     if args.dry_run:
         from .transfer.plan import conversion_plan
@@ -206,7 +270,8 @@ def cmd_convert(args) -> int:
         return 0
 
     transfer = CrossArchTransferConfig(
-        source_model=args.source, hybrid_attention=attention, gate_init_strategy=args.gate_init, seed=args.seed
+        source_model=args.source, hybrid_attention=attention, gate_init_strategy=args.gate_init, seed=args.seed,
+        **calibrate,
     )
     summary = convert_to_folder(args.source, args.output, transfer, dtype=args.dtype, force=args.force)
     print(json.dumps(summary, indent=2, default=str))

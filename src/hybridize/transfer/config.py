@@ -45,6 +45,11 @@ class CrossArchTransferConfig:
     gate_init_strategy: "ones" (gate rows 0 and o_proj doubled: attention layers equal the source exactly),
     "zero" (gate rows 0, no compensation: attention output halved), "small" (gate rows N(0, 0.01^2), o_proj
     doubled). The distillation fields configure `DistillationTrainer`.
+
+    calibrate_data: text (any format `distill` reads) on which each DeltaNet layer is fitted to the teacher's
+    attention output before the hybrid is returned or written (`transfer/calibrate.py`); None keeps the
+    uncalibrated init of `transfer/init.py`. The other calibrate_* fields (CLI: --calibrate-tokens, ...) size
+    that fit.
     """
 
     source_model: str | None = None
@@ -54,6 +59,12 @@ class CrossArchTransferConfig:
     distillation_temperature: float = 2.0
     distillation_alpha: float = 0.5
     seed: int = 0
+    calibrate_data: list[str] | None = None
+    calibrate_tokens: int = 16_384
+    calibrate_seq_len: int = 512
+    calibrate_steps: int = 0
+    calibrate_batch_size: int = 4
+    calibrate_lr: float = 1e-3
 
     def __post_init__(self):
         if self.gate_init_strategy not in GATE_INIT_STRATEGIES:
@@ -63,6 +74,17 @@ class CrossArchTransferConfig:
             raise HybridizeError("distillation_temperature must be > 0")
         if not 0.0 <= self.distillation_alpha <= 1.0:
             raise HybridizeError("distillation_alpha must lie in [0, 1]")
+        if isinstance(self.calibrate_data, str):
+            self.calibrate_data = [self.calibrate_data]
+        if self.calibrate_data is not None and not self.calibrate_data:
+            raise HybridizeError("calibrate_data is empty: name at least one file or folder (or None: no calibration)")
+        for name in ("calibrate_tokens", "calibrate_seq_len", "calibrate_batch_size"):
+            if getattr(self, name) < 1:
+                raise HybridizeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.calibrate_steps < 0:
+            raise HybridizeError(f"calibrate_steps must be >= 0, got {self.calibrate_steps}")
+        if not self.calibrate_lr > 0:
+            raise HybridizeError(f"calibrate_lr must be > 0, got {self.calibrate_lr}")
 
 
 def _head_dim(cfg) -> int:

@@ -20,6 +20,7 @@ from ..model.config import HybridConfig, layer_stats
 from ..model.etd import ETDConfig, etd_from_hybrid
 from ..model.modeling import HybridForCausalLM
 from ..output import atomic_output_folder, check_not_an_input, copy_side_files
+from .calibrate import calibrator_for
 from .config import CrossArchTransferConfig, HybridAttentionConfig, hybrid_config_from_source
 from .mapping import iter_hybrid_tensors, required_source_tensors, source_tensor_shapes
 from .safetensors_io import ShardedWriter
@@ -61,10 +62,11 @@ def hybrid_config_for(source_config, family: str, attention: HybridAttentionConf
     return cfg
 
 
-def _hybrid_tensors(source, cfg: HybridConfig, transfer: CrossArchTransferConfig, dtype: torch.dtype):
+def _hybrid_tensors(source, cfg: HybridConfig, transfer: CrossArchTransferConfig, dtype: torch.dtype,
+                    calibrator=None):
     if source.family == "qwen3_5_text":
         return iter_qwen3_5_tensors(source, cfg, dtype)
-    return iter_hybrid_tensors(source, cfg, transfer.gate_init_strategy, transfer.seed, dtype)
+    return iter_hybrid_tensors(source, cfg, transfer.gate_init_strategy, transfer.seed, dtype, layer_hook=calibrator)
 
 
 def _check_complete(source, cfg: HybridConfig) -> None:
@@ -92,17 +94,19 @@ def create_hybrid_from_qwen3(source, config: CrossArchTransferConfig | HybridAtt
     """Convert a Qwen3 or Llama-family model (local HF folder, hub id or .gguf file) into a hybrid in memory.
 
     `config` is a CrossArchTransferConfig (or just its HybridAttentionConfig); None = the 3:1 pattern with the
-    function-preserving "ones" gate. `dtype` None keeps the source checkpoint's dtype.
+    function-preserving "ones" gate. `dtype` None keeps the source checkpoint's dtype. With
+    `config.calibrate_data` set, DeltaNet layers are calibrated on that text first (see transfer/calibrate.py).
     """
     transfer = _transfer_config(config)
     with open_source(source) as src:
         dtype = resolve_dtype(dtype, src.config)
         cfg = hybrid_config_for(src.config, src.family, transfer.hybrid_attention, dtype)
         _check_complete(src, cfg)
+        calibrator = calibrator_for(src, cfg, transfer, progress)
         model = _meta_model(cfg).to_empty(device=device).to(dtype)
         params = dict(model.named_parameters(remove_duplicate=False))
         with torch.no_grad():
-            tensors = _hybrid_tensors(src, cfg, transfer, dtype)
+            tensors = _hybrid_tensors(src, cfg, transfer, dtype, calibrator)
             for name, tensor in tqdm(tensors, desc="transfer", disable=not progress, total=len(params)):
                 params[name].copy_(tensor)
         model.tie_weights()
@@ -150,12 +154,13 @@ def convert_to_folder(source: str, output: str | Path, config: CrossArchTransfer
         dtype = resolve_dtype(dtype, src.config)
         cfg = hybrid_config_for(src.config, src.family, transfer.hybrid_attention, dtype)
         _check_complete(src, cfg)
+        calibrator = calibrator_for(src, cfg, transfer, progress)  # reads the data: fails before any output
         meta = _meta_model(cfg)
         specs = [(n, tuple(p.shape), dtype) for n, p in meta.state_dict().items()
                  if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
         with atomic_output_folder(output, force, inputs=[source, src.path]) as tmp:
             writer = ShardedWriter(tmp, specs, max_shard_bytes)
-            tensors = _hybrid_tensors(src, cfg, transfer, dtype)
+            tensors = _hybrid_tensors(src, cfg, transfer, dtype, calibrator)
             with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
                 for name, tensor in tensors:
                     writer.write(name, tensor)
@@ -164,7 +169,7 @@ def convert_to_folder(source: str, output: str | Path, config: CrossArchTransfer
             writer.finish()
             cfg.save_pretrained(tmp)
             copy_side_files(src.tokenizer_files, tmp, cfg)
-    return {
+    summary = {
         "output": str(output),
         "seconds": round(time.perf_counter() - start, 2),
         "peak_rss_gb": round(_peak_rss_gb(), 3),
@@ -173,3 +178,6 @@ def convert_to_folder(source: str, output: str | Path, config: CrossArchTransfer
         "bytes_written": writer.total_bytes,
         "layer_stats": layer_stats(cfg.layer_types),
     }
+    if calibrator is not None:
+        summary["calibration"] = calibrator.summary()
+    return summary

@@ -17,6 +17,10 @@ DeltaNet's new parameters (documented default, stable at init):
 - `conv1d`: identity (last tap 1), so q, k, v = silu(projections) of the current token.
 - gated norm weight 1.
 Random draws come from a generator seeded by (seed, layer), so every code path gives the same tensors.
+
+This init makes a fresh hybrid far from its teacher (each DeltaNet layer drops its attention's contribution).
+`convert --calibrate DATA` starts from it and then fits each DeltaNet layer to the teacher's attention output on
+real text: see `transfer/calibrate.py` for that recipe and its measured effect.
 """
 
 from __future__ import annotations

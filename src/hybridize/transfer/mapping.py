@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -77,15 +77,24 @@ def required_source_tensors(cfg: HybridConfig) -> list[str]:
     return list(source_tensor_shapes(cfg))
 
 
+LayerHook = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
 def iter_hybrid_tensors(source, cfg: HybridConfig, gate_init_strategy: str = "ones", seed: int = 0,
-                        dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+                        dtype: torch.dtype = torch.float32, layer_hook: LayerHook | None = None
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hybrid name, tensor in `dtype`) for every tensor of the hybrid, reading the source lazily.
 
     `source` offers `.tensor(name)` for HF Qwen3 / Llama names. Arithmetic happens in float32, then one cast.
+    `layer_hook(i, tensors)`, called for layers 0, 1, ... in order with layer i's float32 tensors, may return
+    replacements (the calibration in `calibrate.py` does).
     """
     yield "model.embed_tokens.weight", source.tensor("model.embed_tokens.weight").to(dtype)
     for i in range(cfg.num_hidden_layers):
-        for name, t in _layer_tensors(source, cfg, i, gate_init_strategy, seed).items():
+        tensors = _layer_tensors(source, cfg, i, gate_init_strategy, seed)
+        if layer_hook is not None:
+            tensors = layer_hook(i, tensors)
+        for name, t in tensors.items():
             yield name, t.to(dtype)
     yield "model.norm.weight", I.zero_centered(source.tensor("model.norm.weight")).to(dtype)
     if not cfg.tie_word_embeddings:
