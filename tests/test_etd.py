@@ -228,3 +228,30 @@ def test_confidence_threshold_keeps_unsure_tokens_on_execute(random_etd):
         model.model.etd.settings.confidence_threshold = 0.0
     expected = torch.where(top >= threshold, argmax, EXECUTE)
     assert torch.equal(first, expected) and (expected == EXECUTE).sum() > (argmax == EXECUTE).sum()
+
+
+@torch.no_grad()
+def test_composes_with_mtp_heads():
+    """An ETD model over a hybrid with MTP heads: task + MTP loss, and speculative decoding (every rejected draft
+    rolled back through the per-iteration cache slots) token-identical to plain greedy generate."""
+    from hybridize.model.config import HybridConfig
+
+    base = tiny_hybrid()
+    cfg = {k: v for k, v in base.config.to_dict().items()
+           if k not in ("model_type", "transformers_version", "architectures")}
+    with_heads = HybridForCausalLM(HybridConfig(**{**cfg, "mtp_num_hidden_layers": 1, "num_predict_tokens": 3}))
+    with_heads.load_state_dict(base.state_dict(), strict=False)
+    torch.manual_seed(2)
+    for p in with_heads.mtp.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+    model = randomize_etd(etd(with_heads.eval(), n_encoder_layers=1, n_think_layers=2, n_decoder_layers=1,
+                              max_think_iterations=2))
+    ids = torch.randint(1, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
+    out = model(ids, labels=ids)
+    task = torch.nn.functional.cross_entropy(out.logits[0, :-1], ids[0, 1:])
+    weights = 0.3 * 0.8 ** torch.arange(3.0)  # mtp_loss_weight · mtp_loss_decay^(k-1), the config defaults
+    assert out.mtp_losses.shape == (3,) and model.config.mtp_loss_weight == 0.3 and model.config.mtp_loss_decay == 0.8
+    assert out.loss.item() == pytest.approx((task + (weights * out.mtp_losses).sum()).item(), rel=1e-5)
+    reference = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    for drafts in (1, 3):
+        assert torch.equal(model.mtp_decoder.generate(ids, max_new_tokens=16, num_draft_tokens=drafts), reference)

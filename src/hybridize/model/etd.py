@@ -32,7 +32,7 @@ from transformers import initialization as init
 from ..errors import HybridizeError
 from ..ops.dispatch import silu_mul
 from .config import HybridConfig
-from .modeling import HybridForCausalLM, HybridModel, HybridPreTrainedModel
+from .modeling import HybridForCausalLM, HybridModel
 
 SKIP, EXECUTE, REPEAT = 0, 1, 2
 ROUTES = ("SKIP", "EXECUTE", "REPEAT")
@@ -248,6 +248,11 @@ class CacheSlots:
     def __init__(self, cache, offset: int):
         self.cache, self.offset = cache, offset
 
+    @property
+    def checkpointing(self) -> bool:
+        """Speculative verify steps keep every position's state in each slot too (see HybridCache.rollback)."""
+        return self.cache.checkpointing
+
     def update_kv(self, layer_idx: int, k, v):
         return self.cache.update_kv(layer_idx + self.offset, k, v)
 
@@ -337,12 +342,7 @@ class ETDForCausalLM(_ETDInitMixin, HybridForCausalLM):
     """HybridForCausalLM with an ETDModel inside; same head, loss, cache and `generate`."""
 
     config_class = ETDHybridConfig
-
-    def __init__(self, config: ETDHybridConfig):
-        HybridPreTrainedModel.__init__(self, config)
-        self.model = ETDModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    backbone_class = ETDModel
 
     def think_executions(self) -> dict[str, float]:
         """Think-layer executions of the last forward against always-EXECUTE (per token; REPEAT counts twice)."""
@@ -370,7 +370,7 @@ def etd_from_hybrid(model: HybridForCausalLM, etd: ETDConfig) -> ETDForCausalLM:
         out = ETDForCausalLM(config)
     for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
         setattr(out.model, name, getattr(model.model, name))
-    out.lm_head = model.lm_head
+    out.lm_head, out.mtp = model.lm_head, model.mtp  # MTP heads (if any) read the ETD backbone's last hidden state
     param = next(model.parameters())
     out.model.etd.to_empty(device=param.device)
     out.model.etd.to(param.dtype)

@@ -167,12 +167,13 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # a Qwen3.5 checkpoint imported with mtp_num_hidden_layers = 0 carries `mtp.*` tensors nothing reads
     _keys_to_ignore_on_load_unexpected = [r"^mtp\."]
+    backbone_class = HybridModel  # ETDForCausalLM swaps in its looped backbone; heads and MTP stay the same
 
     def __init__(self, config: HybridConfig):
         from .mtp import MultiTokenPredictor  # mtp.py builds on this module's decoder layer
 
         super().__init__(config)
-        self.model = HybridModel(config)
+        self.model = self.backbone_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = MultiTokenPredictor(config) if config.mtp_num_hidden_layers else None
         self._mtp_decoder = None
