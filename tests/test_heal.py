@@ -87,7 +87,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_heal_runs_every_stage_and_brings_the_hybrid_closer(workspace, tmp_path, capsys):
     out = tmp_path / "healed"
-    stages = ["--tokens", "3072", "--align-tokens", "1024", "--long-context-tokens", "1024", "--long-seq-len", "64"]
+    stages = ["--tokens", "3072", "--align-tokens", "1024", "--long-context-tokens", "1024", "--long-seq-len", "64",
+              "--no-calibrate"]  # the zero init leaves a gap to close (calibration has its own test below)
     assert _heal(workspace, out, *stages) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["stages"] == ["convert", "align", "kd", "long", "final", "eval"]
@@ -153,8 +154,25 @@ def test_resume_after_a_crash_gives_the_same_model(workspace, tmp_path, monkeypa
     assert max((straight[n].float() - resumed[n].float()).abs().max().item() for n in straight) == 0.0
 
 
+def test_calibrates_on_the_training_text_unless_told_not_to(workspace, tmp_path, capsys):
+    from hybridize.transfer.convert import convert_to_folder
+
+    plain = tmp_path / "plain"
+    convert_to_folder(str(workspace / "teacher"), plain, progress=False)
+    stages = ["--tokens", "128", "--align-tokens", "0", "--eval-tokens", "64"]  # one KD step
+    assert _heal(workspace, tmp_path / "zero", *stages, "--no-calibrate") == 0
+    assert _heal(workspace, tmp_path / "cal", *stages, "--calibrate-tokens", "2k", "--calibrate-seq-len", "64") == 0
+    reference = _weights(plain)
+    zero, cal = _weights(tmp_path / "zero" / "hybrid"), _weights(tmp_path / "cal" / "hybrid")
+    assert all(torch.equal(zero[n], t) for n, t in reference.items())  # --no-calibrate: the plain conversion
+    changed = {n for n, t in reference.items() if not torch.equal(cal[n], t)}
+    assert changed and all(".linear_attn." in n for n in changed)  # calibration touches DeltaNet layers only
+    transfer = json.loads((tmp_path / "cal" / "heal.json").read_text())["settings"]["transfer"]
+    assert transfer["calibrate_data"] == [str(workspace / "train.jsonl")] and transfer["calibrate_tokens"] == 2000
+
+
 @pytest.mark.parametrize("case", ["exists", "nothing_to_resume", "changed", "missing_data", "hybrid_source",
-                                  "torchrun"])
+                                  "torchrun", "contradiction"])
 def test_user_mistakes_are_one_line(workspace, tmp_path, capsys, monkeypatch, case):
     out = tmp_path / "out"
     args = ["--tokens", "256", "--align-tokens", "0"]
@@ -174,13 +192,16 @@ def test_user_mistakes_are_one_line(workspace, tmp_path, capsys, monkeypatch, ca
         assert main(["export", str(tmp_path / "h"), str(tmp_path / "q35")]) == 0
         capsys.readouterr()
         code = main(["heal", str(tmp_path / "q35"), str(out), "--data", str(workspace / "train.jsonl")])
+    elif case == "contradiction":
+        code = _heal(workspace, out, *args, "--no-calibrate", "--calibrate-tokens", "4k")
     else:
         monkeypatch.setenv("RANK", "0")
         code = _heal(workspace, out, *args)
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("hybridize: error:") and "\n" not in err, err
     expected = {"exists": "--resume", "nothing_to_resume": "nothing to resume", "changed": "--override",
-                "missing_data": "does not exist", "hybrid_source": "already a hybrid", "torchrun": "without torchrun"}
+                "missing_data": "does not exist", "hybrid_source": "already a hybrid", "torchrun": "without torchrun",
+                "contradiction": "contradict"}
     assert expected[case] in err
-    if case in ("nothing_to_resume", "missing_data", "hybrid_source", "torchrun"):
+    if case in ("nothing_to_resume", "missing_data", "hybrid_source", "torchrun", "contradiction"):
         assert not out.exists()

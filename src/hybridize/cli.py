@@ -188,17 +188,22 @@ def _positive_float(text: str) -> float:
 CALIBRATE_FLAGS = ("calibrate_tokens", "calibrate_seq_len", "calibrate_steps", "calibrate_batch_size", "calibrate_lr")
 
 
-def add_calibrate_arguments(p) -> None:
-    """--calibrate and its sizes: the CrossArchTransferConfig.calibrate_* fields, 1:1."""
+def add_calibrate_arguments(p, heal: bool = False) -> None:
+    """--calibrate and its sizes: the CrossArchTransferConfig.calibrate_* fields, 1:1 (heal: on by default, on
+    --data, and --no-calibrate)."""
     from .transfer.config import CrossArchTransferConfig
 
     d = CrossArchTransferConfig()
     g = p.add_argument_group("calibration (a fresh hybrid close to its teacher; see transfer/calibrate.py)")
+    default = ("the --data text; --no-calibrate: none" if heal else
+               "no calibration, DeltaNet layers start as no-ops")
     g.add_argument("--calibrate", dest="calibrate_data", nargs="+", metavar="DATA",
                    help="fit each DeltaNet layer to the source's attention output on this text (any format distill "
                    "reads: text, JSONL, parquet, datasets folders, .npy tokens), layer by layer with the teacher's "
-                   "own layer inputs; on CUDA when available [default: no calibration, DeltaNet layers start as "
-                   "no-ops]")
+                   f"own layer inputs; on CUDA when available [default: {default}]")
+    if heal:
+        g.add_argument("--no-calibrate", action="store_true",
+                       help="start from the plain init (DeltaNet layers as no-ops): the zero-init baseline")
     g.add_argument("--calibrate-tokens", type=_count, default=None, metavar="N",
                    help=f"tokens of DATA to calibrate on (e.g. 64k), drawn as seeded random windows "
                    f"[default: {d.calibrate_tokens}]")
@@ -913,7 +918,8 @@ def add_heal_parser(sub) -> None:
         "heal",
         help="the whole healing job in one resumable command: convert, align, distill, (long context), evaluate",
         description=(
-            "Convert SOURCE into a hybrid, then heal it in stages, each a `hybridize distill` run started from the "
+            "Convert SOURCE into a hybrid (calibrated on --data unless --no-calibrate), then heal it in stages, each "
+            "a `hybridize distill` run started from the "
             "previous one: align (per-layer hidden-state alignment, DeltaNet layers only) -> kd (end-to-end "
             "distillation) -> long (long windows, with --long-context-tokens) -> OUT/final, a normal model folder "
             "-> evaluation against SOURCE on each --eval-data (OUT/eval.json). Every stage keeps its checkpoints, "
@@ -952,6 +958,7 @@ def add_heal_parser(sub) -> None:
     _add_layout_flags(p)
     p.add_argument("--weights-dtype", choices=list(DTYPES), default=None,
                    help="dtype of the converted and the final weights [default: the source's stored dtype]")
+    add_calibrate_arguments(p, heal=True)
     _add_training_flags(p, d, eval_tokens=False)
     p.add_argument("--gpus", type=_positive_int, default=h.gpus,
                    help="run each training stage on this many GPUs of this machine (torchrun, FSDP2) [default: 1]")
@@ -964,6 +971,18 @@ def add_heal_parser(sub) -> None:
 
 def _count_or_zero(text: str) -> int:
     return 0 if text.strip() == "0" else _count(text)
+
+
+def _heal_calibration(args) -> dict:
+    """heal calibrates on its training text unless --no-calibrate (which takes no calibration flag with it)."""
+    if args.no_calibrate:
+        given = [n for n in ("calibrate_data", *CALIBRATE_FLAGS) if getattr(args, n) is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-").replace("-data", "")
+            raise HybridizeError(f"--no-calibrate and {flag} contradict each other; drop one")
+        return {}
+    args.calibrate_data = args.calibrate_data or args.data
+    return _calibrate_kwargs(args)
 
 
 def cmd_heal(args) -> int:
@@ -984,7 +1003,7 @@ def cmd_heal(args) -> int:
                              "(Qwen3 / Llama family): continue a hybrid's healing with `hybridize distill`")
     attention = _attention_config(args, source_config.num_hidden_layers)
     transfer = CrossArchTransferConfig(source_model=args.source, hybrid_attention=attention,
-                                       gate_init_strategy=args.gate_init, seed=args.seed)
+                                       gate_init_strategy=args.gate_init, seed=args.seed, **_heal_calibration(args))
     distill = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig) if hasattr(args, f.name)
                                and f.name not in ("tokens", "eval_tokens")}, eval_tokens=args.eval_tokens)
     heal = HealConfig(**{f.name: getattr(args, f.name) for f in fields(HealConfig)})
