@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -276,6 +278,22 @@ class _CheckedReader(HuggingFaceStorageReader):
         return metadata
 
 
+def _not_dcp_fallback_warning(record: logging.LogRecord) -> bool:
+    return not (record.levelno < logging.ERROR and record.pathname.endswith("state_dict_loader.py"))
+
+
+@contextmanager
+def _quiet_dcp_loader():
+    """DCP's loader logs a traceback (a warning with exc_info, on the root logger) before it falls back from global
+    to rank-local metadata; a damaged checkpoint must end in our one line, not in torch's tracebacks on stderr."""
+    root = logging.getLogger()
+    root.addFilter(_not_dcp_fallback_warning)
+    try:
+        yield
+    finally:
+        root.removeFilter(_not_dcp_fallback_warning)
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
                     device: torch.device) -> dict:
     """Restore model, optimizer and this rank's RNG in place; return the trainer state."""
@@ -285,7 +303,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     tensors, aliases = _deduplicated(model_sd)
     state = {"model": tensors, "optim": {"state": optim_sd["state"]}}
     try:
-        dcp.load(state, storage_reader=_CheckedReader(str(path / TENSORS)))
+        with _quiet_dcp_loader():
+            dcp.load(state, storage_reader=_CheckedReader(str(path / TENSORS)))
     except (Exception, CheckpointException) as e:  # a damaged or foreign checkpoint, in one line
         raise HybridizeError(f"cannot load checkpoint {path} ({_root_message(e)}); delete it to resume from the "
                              f"previous one") from None
