@@ -44,6 +44,10 @@ def _job(**heal) -> HealJob:
 
 
 def test_stage_plan_defaults_and_long_context_keeps_tokens_per_step():
+    assert [s.name for s in training_stages(_job(tokens=1_000_000))] == ["align", "kd"]  # plain init: align 5%
+    calibrated = _job(tokens=1_000_000)
+    calibrated.transfer = CrossArchTransferConfig(calibrate_data=["d"])
+    assert [s.name for s in training_stages(calibrated)] == ["kd"]  # calibration already aligned the layers
     align, kd = training_stages(_job(tokens=1_000_000))
     assert (align.name, align.config.tokens, align.config.align_only, align.config.train) == \
         ("align", 50_000, True, "linear")

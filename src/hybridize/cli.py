@@ -938,7 +938,8 @@ def add_heal_parser(sub) -> None:
     p.add_argument("--tokens", type=_count, default=h.tokens,
                    help=f"tokens of the end-to-end KD stage, e.g. 50M [default: {h.tokens:,}]")
     p.add_argument("--align-tokens", type=_count_or_zero, default=None,
-                   help="tokens of the alignment stage; 0 skips it [default: --tokens / 20]")
+                   help="tokens of the alignment stage; 0 skips it [default: 0 after calibration, which already "
+                   "aligns each DeltaNet layer; --tokens / 20 with --no-calibrate]")
     p.add_argument("--align-lr", type=_float, default=h.align_lr,
                    help=f"peak learning rate of the alignment stage [default: {h.align_lr}]")
     p.add_argument("--long-context-tokens", type=_count_or_zero, default=h.long_context_tokens,

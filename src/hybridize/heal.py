@@ -41,8 +41,12 @@ STAGES = ("convert", "align", "kd", "long", "final", "eval")
 class HealConfig:
     """What `hybridize heal` does beyond its convert and distill settings (one field per flag).
 
-    tokens: the end-to-end KD stage's budget. align_tokens: the alignment stage's (None = tokens / 20; 0 skips
-    it), trained at align_lr. long_context_tokens > 0 adds a stage on long_seq_len windows (None = 4 × seq_len) at
+    tokens: the end-to-end KD stage's budget. align_tokens: the alignment stage's (0 skips it; None = 0 after a
+    calibrated convert, tokens / 20 after a plain one), trained at align_lr. Why 0 after calibration: calibration
+    already fits each DeltaNet layer to the teacher's attention on the teacher's own inputs, and one alignment step
+    (raw residual-stream MSE, lr 1e-3) took the calibrated SmolLM2 hybrid from 7.1x to 88.9x the teacher's
+    perplexity (CPU, 2026-12-02, 1,024 tokens); the MSE is dominated by a few large-activation dimensions.
+    long_context_tokens > 0 adds a stage on long_seq_len windows (None = 4 × seq_len) at
     long_lr (None = a tenth of the KD stage's peak: it continues a healed model, it does not restart it).
     eval_tokens per eval path; eval_passkey: prompt lengths of a passkey check of the final model and the teacher
     (None = none). gpus > 1 runs each training stage under torchrun.
@@ -105,7 +109,9 @@ def training_stages(job: HealJob) -> list[Stage]:
     """The distillation stages in order, each a complete DistillConfig (their lengths in tokens)."""
     base, heal = replace(job.distill, steps=None, tokens=None, stop_at=None, align_only=False), job.heal
     stages = []
-    align = heal.tokens // 20 if heal.align_tokens is None else heal.align_tokens
+    align = heal.align_tokens
+    if align is None:  # measured: after calibration, alignment undoes it (see HealConfig); from the no-op init, 5%
+        align = 0 if job.transfer.calibrate_data else heal.tokens // 20
     if align:
         stages.append(Stage("align", replace(base, tokens=align, align_only=True, train="linear", lr=heal.align_lr,
                                              min_lr=heal.align_lr / 10, warmup=min(base.warmup, _steps(align, base))),
