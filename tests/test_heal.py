@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from hybridize import heal as heal_module
 from hybridize.cli import build_parser, main
+from hybridize.errors import HybridizeError
 from hybridize.heal import HealConfig, HealJob, distill_argv, training_stages
 from hybridize.train.config import DistillConfig
 from hybridize.train.models import load_language_model
@@ -156,6 +157,22 @@ def test_resume_after_a_crash_gives_the_same_model(workspace, tmp_path, monkeypa
     straight, resumed = _weights(tmp_path / "straight" / "final"), _weights(tmp_path / "crashed" / "final")
     assert straight.keys() == resumed.keys()
     assert max((straight[n].float() - resumed[n].float()).abs().max().item() for n in straight) == 0.0
+
+
+def test_resume_when_a_stage_died_before_its_run_started(workspace, tmp_path, monkeypatch):
+    """A stage folder that holds only its tokenized data (killed while tokenizing) is started, not 'resumed'."""
+    real = heal_module._run_stage
+
+    def dies_early(job, stage, student, run_dir, *args):
+        (run_dir / "data").mkdir(parents=True)
+        raise HybridizeError("killed while tokenizing")
+
+    stages = ["--tokens", "256", "--no-calibrate"]
+    monkeypatch.setattr(heal_module, "_run_stage", dies_early)
+    assert _heal(workspace, tmp_path / "out", *stages) == 2
+    monkeypatch.setattr(heal_module, "_run_stage", real)
+    assert _heal(workspace, tmp_path / "out", *stages, "--resume") == 0
+    assert (tmp_path / "out" / "final" / "config.json").is_file()
 
 
 def test_calibrates_on_the_training_text_unless_told_not_to(workspace, tmp_path, capsys):

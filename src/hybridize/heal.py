@@ -229,8 +229,9 @@ def _tokenize_once(job: HealJob, model: Path, progress: bool) -> list[str]:
 def _run_stage(job: HealJob, stage: Stage, student: Path, run_dir: Path, data: list[str], override: bool,
                progress: bool) -> dict:
     from .train.run import run_distill
+    from .train.trainer import holds_run
 
-    resume = run_dir.exists()  # started before: continue from its checkpoint (or step 0 when it has none)
+    resume = holds_run(run_dir)  # started before: continue from its checkpoint (or step 0 when it has none)
     eval_data = job.eval_data[:1]
     if job.heal.gpus > 1:
         argv = distill_argv(job.source, student, data, run_dir, stage.config, eval_data, resume, override,

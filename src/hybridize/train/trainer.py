@@ -96,7 +96,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
-def _holds_run(run_dir: Path) -> bool:
+def holds_run(run_dir: Path) -> bool:
     """Whether a distill run was started in `run_dir` (even one that never saved a checkpoint)."""
     return (run_dir / METRICS_FILE).exists() or checkpoint_root(run_dir).is_dir()
 
@@ -111,13 +111,13 @@ def check_run_dir(run_dir: Path, resume: bool, config: DistillConfig | None = No
     """
     checkpoint = latest_checkpoint(run_dir)
     if not resume:
-        if _holds_run(run_dir):
+        if holds_run(run_dir):
             again = " (it has no complete checkpoint, so it restarts from step 0)" if checkpoint is None else ""
             raise HybridizeError(f"{run_dir} already holds a run: pass --resume to continue it{again}, or choose a "
                                  f"new --out")
         return None
     if checkpoint is None:
-        if not _holds_run(run_dir):
+        if not holds_run(run_dir):
             raise HybridizeError(f"nothing to resume: {run_dir} holds no run; drop --resume to start one")
         return None
     if config is not None:
