@@ -1,11 +1,14 @@
 """Convert the real SmolLM2-135M-Instruct (GGUF from PyPI) into a hybrid and compare it with its teacher.
 
     .venv/bin/python examples/smollm2_demo.py [--output smollm2-hybrid] [--pattern 0,1,2] [--period 4]
+                                              [--no-calibrate]
 
 Prints the layer stats, the perplexity of the teacher and of the fresh (not yet distilled) hybrid on a short real
 text, and a greedy continuation from each. A fresh hybrid keeps the teacher's attention layers exactly, but its
 DeltaNet layers start as no-ops (see hybridize/transfer/init.py), so its perplexity is far above the teacher's
-until it is distilled; with `--pattern ''` (all attention) it equals the teacher.
+until it is distilled; with `--pattern ''` (all attention) it equals the teacher. Unless --no-calibrate, it also
+converts a calibrated hybrid (`convert --calibrate`, about a minute on a CPU) on text the package ships (Thoreau's
+Walden, the long-context filler), a different register from the Python text it is scored on.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hybridize
 from hybridize.assets import fetch_smollm2_gguf
+from hybridize.evals.longctx import BUILTIN_FILLER
 from hybridize.transfer.convert import convert_to_folder
 
 TEXT = (
@@ -50,6 +54,7 @@ def main() -> None:
     parser.add_argument("--output", default="smollm2-hybrid", help="where the converted model is written")
     parser.add_argument("--pattern", default="0,1,2", help="DeltaNet positions within each period ('' = none)")
     parser.add_argument("--period", type=int, default=4, help="pattern period (3:1 hybrid by default)")
+    parser.add_argument("--no-calibrate", action="store_true", help="skip the calibrated conversion")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -68,11 +73,28 @@ def main() -> None:
     print("layer stats:", json.dumps(hybrid.get_layer_stats()))
 
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
-    print(f"perplexity on {ids.shape[1]} tokens of real text: teacher {perplexity(teacher, ids):.2f}, "
-          f"fresh hybrid {perplexity(hybrid, ids):.2f}")
+    models = {"teacher": teacher, "hybrid": hybrid}
+    if not args.no_calibrate:
+        models["calibrated"] = calibrated_hybrid(gguf, config, args.output + "-calibrated")
+    scores = ", ".join(f"{name} {perplexity(m, ids):.2f}" for name, m in models.items())
+    print(f"perplexity on {ids.shape[1]} tokens of real text: {scores}")
     print(f"greedy continuation of {PROMPT!r}")
-    print(f"  teacher: {continuation(teacher, tokenizer, PROMPT)!r}")
-    print(f"  hybrid:  {continuation(hybrid, tokenizer, PROMPT)!r}")
+    for name, model in models.items():
+        print(f"  {name + ':':<11} {continuation(model, tokenizer, PROMPT)!r}")
+
+
+def calibrated_hybrid(gguf, config, output: str):
+    """The same conversion with --calibrate on the package's built-in Walden text (16k tokens, closed form)."""
+    from dataclasses import replace
+    from importlib import resources
+
+    walden = resources.files("hybridize.evals").joinpath("data", BUILTIN_FILLER)
+    with resources.as_file(walden) as path:
+        summary = convert_to_folder(str(gguf), output, replace(config, calibrate_data=[str(path)]), dtype="float32",
+                                    force=True)
+    print(f"calibrated on Walden in {summary['calibration']['seconds']} s (mean per-layer error "
+          f"{summary['calibration']['mean_rel_err']}) -> {output}")
+    return AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
 
 
 if __name__ == "__main__":
