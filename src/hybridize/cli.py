@@ -672,10 +672,13 @@ def add_train_mtp_parser(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="a hybridize model folder")
     p.add_argument("--data", required=True, nargs="+", metavar="PATH", help="text in any format `distill` reads")
     p.add_argument("--out", required=True, metavar="OUT", help="folder to write the model with trained heads to")
-    p.add_argument("--steps", type=_positive_int, default=d.steps, help=f"[default: {d.steps}]")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"[default: {d.batch_size}]")
-    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help=f"[default: {d.seq_len}]")
-    p.add_argument("--lr", type=_float, default=d.lr, help=f"[default: {d.lr}]")
+    p.add_argument("--steps", type=_positive_int, default=d.steps,
+                   help=f"optimizer steps (AdamW on the heads only) [default: {d.steps}]")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"sequences per step, windows of the packed token stream [default: {d.batch_size}]")
+    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
+                   help=f"tokens per sequence [default: {d.seq_len}]")
+    p.add_argument("--lr", type=_float, default=d.lr, help=f"peak learning rate of the heads [default: {d.lr}]")
     p.add_argument("--num-predict-tokens", type=_positive_int, default=None,
                    help="MTP depths (tokens t+2 ..) [default: the model's, 4 for new heads]")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
