@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -242,13 +243,12 @@ def _run_stage(job: HealJob, stage: Stage, student: Path, run_dir: Path, data: l
         if code:
             raise HybridizeError(f"stage {stage.name} failed (torchrun exit status {code}; its messages are above); "
                                  "fix the cause and rerun with --resume")
-        if not (run_dir / "final" / "config.json").is_file():
-            raise HybridizeError(f"stage {stage.name} ended without {run_dir / 'final'}; rerun with --resume")
-        return {"run_dir": str(run_dir), "final": str(run_dir / "final")}
-    summary = run_distill(job.source, str(student), data, str(run_dir), stage.config,
-                          eval_data=eval_data or None, resume=resume, progress=progress, override=override)
-    if not str(summary["final"]).endswith("final"):
-        raise HybridizeError(f"stage {stage.name} stopped before its end; rerun with --resume")
+        summary = {"run_dir": str(run_dir), "final": str(run_dir / "final")}
+    else:
+        summary = run_distill(job.source, str(student), data, str(run_dir), stage.config,
+                              eval_data=eval_data or None, resume=resume, progress=progress, override=override)
+    if not (run_dir / "final" / "config.json").is_file():  # a run stopped early writes no final model
+        raise HybridizeError(f"stage {stage.name} ended without {run_dir / 'final'}; rerun with --resume")
     return summary
 
 
@@ -271,8 +271,6 @@ def _link_final(model_dir: Path, out: Path) -> None:
                 try:
                     os.link(f, tmp / f.name)
                 except OSError:
-                    import shutil
-
                     shutil.copy2(f, tmp / f.name)
 
 
