@@ -81,5 +81,9 @@ def test_bench_infer_tiny_rows_ratios_and_cache_bytes(tmp_path, capsys):
     for row in hybrid["decode"]:
         assert row["tokens_per_s"] == pytest.approx(row["batch"] * 3 / (row["ms_per_step"] * 3 / 1e3), rel=0.02)
         assert 0 < row["tokens_per_s"] < row["roofline_tokens_per_s"]
+        # decoded on the static cache (max_cache_len = 40 + 3 + 2), the dynamic cache timed alongside
+        assert row["cache"] == "static" and row["dynamic_tokens_per_s"] > 0
+        kv = _kv_bytes(n_attn, cfg, 45, row["batch"])
+        assert row["cache_gb"] == pytest.approx((kv + row["batch"] * states + row["batch"] * 45) / 1e9, abs=1e-4)
     table = capsys.readouterr().out
     assert "prefill" in table and "roofline" in table and "× source" in table

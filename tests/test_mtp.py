@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hybridize import HybridCache, HybridConfig, HybridForCausalLM
+from hybridize import HybridCache, HybridConfig, HybridForCausalLM, StaticHybridCache
 from hybridize.errors import HybridizeError
 from hybridize.export.qwen3_5 import export_qwen3_5
 
@@ -211,17 +211,19 @@ def _fresh_cache(model, ids, mask):
     return cache
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @torch.no_grad()
-def test_rollback_equals_fresh_forward_per_row(model):
+def test_rollback_equals_fresh_forward_per_row(model, static):
     """Verify 5 tokens, keep 2 in row 0 and 4 in row 1: every DeltaNet state, and the next token's logits, equal a
-    fresh forward over exactly the kept prefix of that row (max |Δ| < 1e-5); row 1 is left-padded."""
+    fresh forward over exactly the kept prefix of that row (max |Δ| < 1e-5); row 1 is left-padded. On the static
+    cache the next token runs the fixed-buffer decoding step, whose positions and mask come from `valid`."""
     g = torch.Generator().manual_seed(5)
     prefix = torch.randint(1, V, (2, 9), generator=g)
     mask = torch.ones_like(prefix)
     mask[1, :4] = 0
     new = torch.randint(1, V, (2, 5), generator=g)
     nxt = torch.randint(1, V, (2, 1), generator=g)
-    cache = HybridCache(model.config)
+    cache = StaticHybridCache(model.config, max_cache_len=16) if static else HybridCache(model.config)
     model(prefix, attention_mask=mask, cache=cache)
     cache.checkpointing = True
     model(new, cache=cache)
@@ -242,6 +244,7 @@ def test_rollback_equals_fresh_forward_per_row(model):
         worst = max(worst, (model(ids, attention_mask=m).logits[0, -1] - after[b]).abs().max().item())
     print(f"max |Δ| rollback vs fresh forward: {worst:.3g}")
     assert worst < 1e-5
+    assert (getattr(cache, "decode_step", None) is not None) == static
 
 
 def test_rollback_refuses_misuse(model):

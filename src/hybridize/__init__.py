@@ -11,6 +11,7 @@ from .model.cache import HybridCache
 from .model.config import HybridConfig
 from .model.etd import ETDConfig, ETDForCausalLM, ETDHybridConfig, ETDModel
 from .model.modeling import HybridForCausalLM, HybridModel
+from .model.static_cache import StaticHybridCache
 from .transfer.config import CrossArchTransferConfig, HybridAttentionConfig
 
 AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
@@ -37,6 +38,7 @@ __all__ = [
     "HybridForCausalLM",
     "HybridModel",
     "HybridizeError",
+    "StaticHybridCache",
     "create_full_hybrid_model",
     "create_hybrid_from_qwen3",
 ]

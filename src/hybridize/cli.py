@@ -826,6 +826,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--new-tokens", type=_int, default=0,
                    help="inference: timed decode steps per row [default: 64; tiny: 8]")
     p.add_argument("--repeats", type=_positive_int, default=3, help="inference: timed prefills (median) [default: 3]")
+    p.add_argument("--no-dynamic", dest="compare_dynamic", action="store_false",
+                   help="inference: time the hybrid's decoding only on its static cache (the CUDA-graph step), not "
+                   "also on the dynamic cache (the 'dynamic' column)")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
                    help=f"--train: tokens per sequence [default: {d.seq_len}]")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,

@@ -8,7 +8,10 @@ HybridCache, transformers' DynamicCache):
              `repeats`; tok/s, peak memory, and the bytes of the cache it leaves
     decode   prefill `context` tokens at `batch` sequences (untimed), then `new_tokens` greedy one-token steps;
              tok/s = batch · new_tokens / time; the roofline is batch / (bytes read per step / copy bandwidth),
-             bytes read = the weights (less the embedding table, which is gathered, not read) + the cache
+             bytes read = the weights (less the embedding table, which is gathered, not read) + the cache.
+             The hybrid decodes on its StaticHybridCache (the CUDA-graph step on CUDA) and, with
+             `compare_dynamic`, also on the dynamic HybridCache (`dynamic_tokens_per_s`); the source model on
+             transformers' DynamicCache through its own forward.
 
 The copy bandwidth is measured first (a device-to-device copy: read + write). Rows that run out of memory are
 reported as such, not dropped. On CUDA, computing runs in bfloat16; on a CPU in float32 (the `tiny` shape there
@@ -27,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..model.modeling import HybridForCausalLM
+from ..model.static_cache import StaticHybridCache
 from ..ops.dispatch import fla_status, note_if_slow_path
 from .common import build, device_name, versions
 
@@ -46,6 +51,7 @@ class InferBenchConfig:
     new_tokens: int = 0  # 0 = the shape's default (64 on real shapes, 8 on tiny)
     repeats: int = 3
     against: str = "source"  # source | none
+    compare_dynamic: bool = True  # also time the hybrid's decoding on its dynamic cache
     seed: int = 0
 
     def __post_init__(self):
@@ -124,10 +130,17 @@ def _peak_gb(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
 
 
+def cache_bytes(cache) -> int:
+    """Bytes of a cache's state: the hybrid's own accounting, else every tensor reachable (transformers' caches)."""
+    if hasattr(cache, "state_tensors"):
+        return sum(t.numel() * t.element_size() for t in cache.state_tensors())
+    return tensor_bytes(cache)
+
+
 @torch.no_grad()
 def measure_prefill(model: nn.Module, length: int, cfg: InferBenchConfig, device: torch.device) -> dict:
     ids = _tokens(1, length, model.config.vocab_size, cfg.seed, device)
-    times, cache_bytes = [], 0
+    times, state = [], 0
     _peak_reset(device)
     for _ in range(cfg.repeats + 1):  # the first run warms up (kernel autotuning, allocator)
         _sync(device)
@@ -135,37 +148,54 @@ def measure_prefill(model: nn.Module, length: int, cfg: InferBenchConfig, device
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         _sync(device)
         times.append(time.perf_counter() - start)
-        cache_bytes = tensor_bytes(out.past_key_values)
+        state = cache_bytes(out.past_key_values)
         del out
     seconds = statistics.median(times[1:])
     return {"length": length, "seconds": round(seconds, 6), "tokens_per_s": round(length / seconds, 3),
-            "cache_bytes": cache_bytes, "cache_gb": round(cache_bytes / 1e9, 4), "peak_gb": _peak_gb(device)}
+            "cache_bytes": state, "cache_gb": round(state / 1e9, 4), "peak_gb": _peak_gb(device)}
 
 
 @torch.no_grad()
+def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, cache=None) -> tuple[float, object]:
+    """Seconds for `new_tokens` greedy one-token steps after prefilling `ids` (and one untimed step), and the cache.
+    `cache` None: the model makes its own (use_cache=True)."""
+    device = ids.device
+    with warnings.catch_warnings():  # transformers >= 5.2x renames past_key_values; 5.17 (the GPU image) has no other
+        warnings.simplefilter("ignore", FutureWarning)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        del out
+        step = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)  # untimed warm-up
+        token = step.logits[:, -1:].argmax(-1)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            step = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = step.logits[:, -1:].argmax(-1)
+    _sync(device)
+    return time.perf_counter() - start, cache
+
+
 def measure_decode(model: nn.Module, batch: int, context: int, cfg: InferBenchConfig, device: torch.device,
                    bandwidth: float) -> dict:
     ids = _tokens(batch, context, model.config.vocab_size, cfg.seed, device)
     _peak_reset(device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    del out
-    with warnings.catch_warnings():  # transformers >= 5.2x renames past_key_values; 5.17 (the GPU image) has no other
-        warnings.simplefilter("ignore", FutureWarning)
-        step = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)  # untimed warm-up
-        cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(cfg.new_tokens):
-            step = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    read = weight_bytes_read(model) + tensor_bytes(cache)
-    return {"batch": batch, "context": context, "tokens_per_s": round(batch * cfg.new_tokens / seconds, 3),
-            "ms_per_step": round(1e3 * seconds / cfg.new_tokens, 4),
-            "roofline_tokens_per_s": round(batch * bandwidth / read, 1),
-            "cache_gb": round(tensor_bytes(cache) / 1e9, 4), "peak_gb": _peak_gb(device)}
+    hybrid = isinstance(model, HybridForCausalLM)
+    cache = StaticHybridCache(model.config, context + cfg.new_tokens + 2) if hybrid else None
+    seconds, cache = time_decode(model, ids, cfg.new_tokens, cache)
+    state = cache_bytes(cache)
+    del cache
+    row = {"batch": batch, "context": context, "tokens_per_s": round(batch * cfg.new_tokens / seconds, 3),
+           "ms_per_step": round(1e3 * seconds / cfg.new_tokens, 4),
+           "roofline_tokens_per_s": round(batch * bandwidth / (weight_bytes_read(model) + state), 1),
+           "cache_gb": round(state / 1e9, 4), "peak_gb": _peak_gb(device)}
+    if hybrid:
+        row["cache"] = "static"
+    if hybrid and cfg.compare_dynamic:
+        _peak_reset(device)
+        seconds, _ = time_decode(model, ids, cfg.new_tokens)
+        row["dynamic_tokens_per_s"] = round(batch * cfg.new_tokens / seconds, 3)
+    return row
 
 
 def _guarded(device: torch.device, measure, *args) -> dict:
@@ -245,12 +275,13 @@ def format_table(report: dict) -> str:
                      + f"{_cell(h, 'speed_vs_source', '.2f'):>10}{_cell(h, 'cache_gb', '.3f'):>10}"
                      f"{_cell(h, 'cache_vs_source', '.2f'):>10}")
     lines.append("decode (greedy)      " + "".join(f"{m + ' tok/s':>14}" for m in models)
-                 + f"{'× source':>10}{'roofline':>10}{'of roof':>9}")
+                 + f"{'× source':>10}{'roofline':>10}{'of roof':>9}{'dynamic':>10}")
     for i, row in enumerate(res["hybrid"]["decode"]):
         rows = [res[m]["decode"][i] for m in models]
         roof = row.get("roofline_tokens_per_s")
         share = f"{row['tokens_per_s'] / roof:.0%}" if roof and "tokens_per_s" in row else "-"
         lines.append(f"  batch {row['batch']:>3} ctx {row['context']:>6} " + "".join(
             f"{_cell(r, 'tokens_per_s', ',.1f'):>14}" for r in rows) + f"{_cell(row, 'speed_vs_source', '.2f'):>10}"
-            f"{_cell(row, 'roofline_tokens_per_s', ',.0f'):>10}{share:>9}")
+            f"{_cell(row, 'roofline_tokens_per_s', ',.0f'):>10}{share:>9}"
+            f"{_cell(row, 'dynamic_tokens_per_s', ',.1f'):>10}")
     return "\n".join(lines)

@@ -58,7 +58,22 @@ class HybridCache:
         if self.checkpointing:
             self._checkpoints[layer_idx] = (conv_state, recurrent_state)
             conv_state, recurrent_state = conv_state[:, -1], recurrent_state[:, -1]
+        self._set_linear(layer_idx, conv_state, recurrent_state)
+
+    # --- storage: the two places where a static (preallocated) cache differs ----------------------------------
+    def _set_linear(self, layer_idx: int, conv_state, recurrent_state) -> None:
         self.conv_states[layer_idx], self.recurrent_states[layer_idx] = conv_state, recurrent_state
+
+    def _keep_kv(self, length: int) -> None:
+        """Cut every layer's KV to its first `length` tokens."""
+        for i in self.key_cache:
+            self.key_cache[i] = self.key_cache[i][..., :length, :]
+            self.value_cache[i] = self.value_cache[i][..., :length, :]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor that holds decoding state (for memory accounting)."""
+        stores = (self.key_cache, self.value_cache, self.conv_states, self.recurrent_states)
+        return [t for store in stores for t in store.values() if t is not None]
 
     # --- what the model and generate call -------------------------------------------------------------------
     def advance(self, seq_length: int, attention_mask: torch.Tensor | None) -> None:
@@ -81,13 +96,10 @@ class HybridCache:
             raise ValueError(f"n_keep must lie in [1, {T}] (the last forward's length), got {n_keep.tolist()}")
         for i, (conv, rec) in self._checkpoints.items():
             rows = torch.arange(B, device=conv.device)
-            self.conv_states[i] = conv[rows, n_keep.to(conv.device) - 1]
-            self.recurrent_states[i] = rec[rows, n_keep.to(rec.device) - 1]
+            self._set_linear(i, conv[rows, n_keep.to(conv.device) - 1], rec[rows, n_keep.to(rec.device) - 1])
         self._checkpoints = {}
         keep = past + int(n_keep.max())
-        for i in self.key_cache:
-            self.key_cache[i] = self.key_cache[i][..., :keep, :]
-            self.value_cache[i] = self.value_cache[i][..., :keep, :]
+        self._keep_kv(keep)
         mask = self.attention_mask
         mask = torch.ones(B, past + T, dtype=torch.bool, device=device) if mask is None else mask.clone()
         mask[:, past:] &= (torch.arange(T)[None, :] < n_keep[:, None]).to(mask.device)  # (B, T): tokens kept
@@ -102,6 +114,12 @@ class HybridCache:
         raise ValueError("rollback on an empty cache")
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer, whether its state is a fixed-size recurrence (transformers' Cache attribute; generate reads
+        it when a cache is passed in)."""
+        return [t == LINEAR for t in self.layer_types]
 
     def __len__(self) -> int:
         return len(self.layer_types)
@@ -129,11 +147,11 @@ class HybridCache:
         """Go back to a snapshot taken earlier on this cache: DeltaNet states restored, KV cut to its length."""
         if snap.seq_length > self.seq_length:
             raise ValueError(f"cannot restore to position {snap.seq_length}: the cache holds {self.seq_length}")
-        for i in self.key_cache:
-            self.key_cache[i] = self.key_cache[i][..., : snap.seq_length, :]
-            self.value_cache[i] = self.value_cache[i][..., : snap.seq_length, :]
-        self.conv_states = {i: c for i, (c, _) in snap.linear_states.items()}
-        self.recurrent_states = {i: r for i, (_, r) in snap.linear_states.items()}
+        self._keep_kv(snap.seq_length)
+        for i in set(self.conv_states) - set(snap.linear_states):  # layers first run after the snapshot
+            self._set_linear(i, None, None)
+        for i, (conv, rec) in snap.linear_states.items():
+            self._set_linear(i, conv, rec)
         self.attention_mask = snap.attention_mask
         self.seq_length = snap.seq_length
 
@@ -145,9 +163,7 @@ class HybridCache:
             return
         if any(t == LINEAR for t in self.layer_types):
             raise ValueError("DeltaNet states cannot be cropped; take a snapshot() before and restore() it")
-        for i in self.key_cache:
-            self.key_cache[i] = self.key_cache[i][..., :max_length, :]
-            self.value_cache[i] = self.value_cache[i][..., :max_length, :]
+        self._keep_kv(max_length)
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[:, :max_length]
         self.seq_length = max_length

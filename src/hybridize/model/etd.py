@@ -281,6 +281,8 @@ class ETDModel(_ETDInitMixin, HybridModel):
     `last_routing` holds the last forward's router logits, decisions and expert choices, in (iteration, layer)
     order, for losses and statistics."""
 
+    graph_capturable = False  # `last_routing` is a Python-side record of each forward: a CUDA graph would freeze it
+
     config_class = ETDHybridConfig
 
     def __init__(self, config: ETDHybridConfig):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -14,7 +15,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import HybridCache
 from .config import LINEAR, HybridConfig, layer_stats
+from .decode_step import is_decode_step, static_decode
 from .layers import MLP, GatedAttention, GatedDeltaNet, GatedRMSNorm, RMSNorm, RotaryEmbedding
+from .static_cache import StaticHybridCache
 
 # transformers renamed the output's `past_key_values` field to `cache` after 5.17; generate reads whichever exists.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -126,6 +129,8 @@ def prepare_step(x: torch.Tensor, attention_mask, position_ids, cache: HybridCac
 
 
 class HybridModel(HybridPreTrainedModel):
+    graph_capturable = True  # its one-token step has no host-side state: a CUDA graph can replay it (decode_step.py)
+
     def __init__(self, config: HybridConfig):
         super().__init__(config)
         config.validate_architecture()
@@ -205,6 +210,10 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache and not self.training:
             cache = HybridCache(self.config)
+        if is_decode_step(cache, input_ids, inputs_embeds, position_ids, labels, output_hidden_states):
+            # the fixed-buffer step (a CUDA graph on CUDA); it takes the new token as real, the past's padding from
+            # the cache, as generate's masks always say
+            return HybridCausalLMOutput(logits=static_decode(self, cache, input_ids), **{_CACHE_FIELD: cache})
         hidden, all_hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds,
                                         output_hidden_states)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -218,6 +227,16 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         hidden_states = tuple(all_hidden) if all_hidden is not None else None
         return HybridCausalLMOutput(loss=loss, logits=logits, hidden_states=hidden_states, mtp_losses=mtp_losses,
                                     **{_CACHE_FIELD: cache})
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """`cache_implementation="static"` makes a StaticHybridCache for generate's longest sequence; other values
+        are transformers' own handling (this model then builds its HybridCache in prepare_inputs_for_generation)."""
+        parent = super()._prepare_cache_for_generation
+        if generation_config.cache_implementation != "static" or model_kwargs.get(_CACHE_FIELD) is not None:
+            return parent(generation_config, model_kwargs, *args, **kwargs)
+        bound = inspect.signature(parent).bind(generation_config, model_kwargs, *args, **kwargs).arguments
+        length = max(bound["max_cache_length"], generation_config.max_cache_len or 0) + 1
+        model_kwargs[_CACHE_FIELD] = StaticHybridCache(self.config, length)
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, **kwargs):
@@ -234,4 +253,5 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return inputs
 
 
-__all__ = ["HybridCausalLMOutput", "HybridConfig", "HybridModel", "HybridForCausalLM", "HybridPreTrainedModel"]
+__all__ = ["HybridCausalLMOutput", "HybridConfig", "HybridModel", "HybridForCausalLM", "HybridPreTrainedModel",
+           "StaticHybridCache"]

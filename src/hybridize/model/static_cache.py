@@ -1,0 +1,128 @@
+"""A preallocated HybridCache: every state lives in a buffer allocated once, so a decoding step can be replayed as
+a CUDA graph (`hybridize.model.decode_step`).
+
+Same interface and semantics as HybridCache (snapshot / restore, per-position checkpoints and `rollback`,
+`reorder_cache`, left padding); only the storage differs:
+
+- attention KV: (B, Hkv, max_cache_len, d) buffers; new tokens are written at their slot, a forward reads the
+  filled prefix (eager) or the whole buffer under the `valid` mask (the captured step). Cutting KV back is free:
+  slots past `seq_length` are ignored and later overwritten.
+- DeltaNet conv / recurrent states: fixed buffers updated in place (copy_), never replaced.
+- `valid` (B, max_cache_len) bool: which slots hold real tokens (not padding, not a token rollback rejected, not
+  yet written). The captured step derives positions and the attention mask from it on the device.
+
+Buffers are allocated on first use from the shapes the layers write (batch, heads, dtype, device), so the same
+cache serves any layer layout, ETD's extra per-iteration slots included. transformers' StaticCache was checked: it
+holds KV only (no recurrent or conv state), so it cannot serve a DeltaNet layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import HybridCache
+from .config import HybridConfig
+
+
+class StaticHybridCache(HybridCache):
+    """HybridCache in buffers of `max_cache_len` tokens; `model.generate(..., cache_implementation="static")` makes
+    one. One-token decoding steps on it run a fixed-buffer step, captured as a CUDA graph on CUDA when
+    `cuda_graph` is not False."""
+
+    # transformers' generate would torch.compile the forward for a compileable cache; this one captures its own
+    # CUDA graph of the decoding step instead.
+    is_compileable = False
+
+    def __init__(self, config: HybridConfig, max_cache_len: int, cuda_graph: bool | None = None):
+        super().__init__(config)
+        if max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be >= 1, got {max_cache_len}")
+        self.max_cache_len = max_cache_len
+        self.cuda_graph = cuda_graph  # None: on CUDA when the model allows it
+        self.valid: torch.Tensor | None = None  # (B, max_cache_len) bool
+        self.write_slot: torch.Tensor | None = None  # (1,) long: set while the fixed-buffer step runs
+        self.decode_step = None  # the model's DecodeStep for this cache, built on the first one-token step
+        self._linear_buffers: dict[tuple[str, int], torch.Tensor] = {}
+
+    # --- storage ------------------------------------------------------------------------------------------------
+    def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx not in self.key_cache:
+            shape = (*k.shape[:2], self.max_cache_len, k.shape[3])
+            self.key_cache[layer_idx] = k.new_zeros(shape)
+            self.value_cache[layer_idx] = v.new_zeros(shape[:3] + v.shape[3:])
+        keys, values = self.key_cache[layer_idx], self.value_cache[layer_idx]
+        if self.write_slot is not None:  # the fixed-buffer step: write at a device index, attend under `valid`
+            keys.index_copy_(2, self.write_slot, k)
+            values.index_copy_(2, self.write_slot, v)
+            return keys, values
+        start, end = self.seq_length, self.seq_length + k.shape[2]
+        self.check_room(k.shape[2])
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def check_room(self, new_tokens: int) -> None:
+        if self.seq_length + new_tokens > self.max_cache_len:
+            raise ValueError(f"the static cache holds {self.max_cache_len} tokens and has {self.seq_length}; "
+                             f"{new_tokens} more do not fit: build it with a larger max_cache_len")
+
+    def _set_linear(self, layer_idx: int, conv_state, recurrent_state) -> None:
+        for kind, store, state in (("conv", self.conv_states, conv_state),
+                                   ("recurrent", self.recurrent_states, recurrent_state)):
+            if state is None:
+                store[layer_idx] = None
+                continue
+            buffer = self._linear_buffers.get((kind, layer_idx))
+            if buffer is None:
+                buffer = self._linear_buffers[(kind, layer_idx)] = torch.empty_like(state)
+            if buffer.data_ptr() != state.data_ptr():
+                buffer.copy_(state)
+            store[layer_idx] = buffer
+
+    def _keep_kv(self, length: int) -> None:
+        """Nothing to cut: slots past `length` are masked by `valid` and rewritten by later tokens."""
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return super().state_tensors() + ([self.valid] if self.valid is not None else [])
+
+    # --- bookkeeping: `valid` follows every change of length or padding ---------------------------------------
+    def _sync_valid(self) -> None:
+        if self.seq_length == 0 and self.valid is None:
+            return
+        if self.valid is None:
+            batch, device = self._batch()
+            self.valid = torch.zeros(batch, self.max_cache_len, dtype=torch.bool, device=device)
+        n = self.seq_length
+        self.valid[:, :n] = True if self.attention_mask is None else self.attention_mask
+        self.valid[:, n:] = False
+
+    def advance(self, seq_length: int, attention_mask: torch.Tensor | None) -> None:
+        super().advance(seq_length, attention_mask)
+        self._sync_valid()
+
+    def advance_one(self) -> None:
+        """After the fixed-buffer step (which marked its slot in `valid` on the device): one more token."""
+        self.seq_length += 1
+        self.last_length = 1
+        if self.attention_mask is not None:
+            self.attention_mask = self.valid[:, : self.seq_length]
+
+    def rollback(self, n_keep) -> None:
+        super().rollback(n_keep)
+        self._sync_valid()
+
+    def restore(self, snap) -> None:
+        super().restore(snap)
+        self._sync_valid()
+
+    def crop(self, max_length: int) -> None:
+        super().crop(max_length)
+        self._sync_valid()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder rows in place, so that the buffers (and a captured graph) stay valid."""
+        if self.attention_mask is not None:  # first: it may be a view of `valid`, which is rebuilt from it below
+            self.attention_mask = self.attention_mask.index_select(0, beam_idx.to(self.attention_mask.device))
+        for t in super().state_tensors():
+            t.copy_(t.index_select(0, beam_idx.to(t.device)))
+        self._sync_valid()

@@ -1,0 +1,105 @@
+"""StaticHybridCache and the fixed-buffer decoding step against the dynamic HybridCache (float32, CPU).
+
+On a CPU the step runs eagerly — the same function a CUDA graph captures on a GPU (tests/test_gpu_static.py
+replays it there) — so these tests check its math: positions and the attention mask from `valid`, K/V written at a
+device slot, DeltaNet states updated in place, padding, rollback holes, beam reordering, ETD's extra slots.
+"""
+
+import pytest
+import torch
+from test_etd import etd, randomize_etd, tiny_hybrid
+from test_mtp import V, perturbed_model
+
+from hybridize import HybridCache, StaticHybridCache
+from hybridize.model.decode_step import DecodeStep
+
+
+@pytest.fixture(scope="module")
+def model():
+    return perturbed_model(mtp_num_hidden_layers=0)
+
+
+def _greedy(model, ids, mask=None, **kw):
+    out = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, output_scores=True,
+                         return_dict_in_generate=True, **kw)
+    cache = out.get("cache", out.get("past_key_values"))
+    if kw.get("cache_implementation") == "static":  # guard: generate really decoded through the fixed step
+        assert isinstance(cache, StaticHybridCache) and isinstance(cache.decode_step, DecodeStep)
+    return out.sequences, torch.stack(out.scores, 1)
+
+
+@torch.no_grad()
+def test_generate_static_equals_dynamic_with_left_padding(model):
+    ids = torch.randint(1, V, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    ref, ref_scores = _greedy(model, ids, mask, max_new_tokens=12)
+    seq, scores = _greedy(model, ids, mask, max_new_tokens=12, cache_implementation="static")
+    assert seq.tolist() == ref.tolist()
+    delta = (scores - ref_scores).abs().max().item()
+    print(f"max |Δ scores| static vs dynamic over 12 tokens: {delta:.3g}")
+    assert delta < 1e-4
+
+
+@torch.no_grad()
+def test_fixed_step_runs_and_matches_per_step(model):
+    """Token by token through model(..) on both caches: the static one takes the fixed-buffer step every time."""
+    ids = torch.randint(1, V, (2, 20), generator=torch.Generator().manual_seed(1))
+    dynamic, static = HybridCache(model.config), StaticHybridCache(model.config, max_cache_len=24)
+    worst = 0.0
+    for cache in (dynamic, static):
+        model(ids[:, :8], cache=cache)
+    for t in range(8, 20):
+        a = model(ids[:, t : t + 1], cache=dynamic).logits
+        b = model(ids[:, t : t + 1], cache=static).logits
+        worst = max(worst, (a - b).abs().max().item())
+    assert isinstance(static.decode_step, DecodeStep) and not static.decode_step.use_graph  # CPU: eager
+    assert static.get_seq_length() == dynamic.get_seq_length() == 20
+    assert static.valid[:, :20].all() and not static.valid[:, 20:].any()
+    assert worst < 1e-5, worst
+
+
+@torch.no_grad()
+def test_snapshot_restore_and_overflow(model):
+    ids = torch.randint(1, V, (1, 10), generator=torch.Generator().manual_seed(2))
+    cache = StaticHybridCache(model.config, max_cache_len=12)
+    model(ids[:, :6], cache=cache)
+    snap = cache.snapshot()
+    first = [model(ids[:, t : t + 1], cache=cache).logits for t in range(6, 10)]
+    cache.restore(snap)
+    assert cache.get_seq_length() == 6 and not cache.valid[:, 6:].any()
+    again = [model(ids[:, t : t + 1], cache=cache).logits for t in range(6, 10)]
+    assert max((a - b).abs().max().item() for a, b in zip(first, again, strict=True)) == 0
+    model(ids[:, :2], cache=cache)
+    with pytest.raises(ValueError, match="static cache holds 12 tokens.*larger max_cache_len"):
+        model(ids[:, :1], cache=cache)
+
+
+@torch.no_grad()
+def test_beam_search_static_equals_dynamic(model):
+    ids = torch.randint(1, V, (2, 7), generator=torch.Generator().manual_seed(3))
+    ref = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+    seq = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, cache_implementation="static")
+    assert seq.tolist() == ref.tolist()
+
+
+@torch.no_grad()
+def test_etd_model_decodes_the_same_on_a_static_cache():
+    model = randomize_etd(etd(tiny_hybrid(), n_encoder_layers=1, n_think_layers=2, n_decoder_layers=1,
+                              max_think_iterations=2))
+    ids = torch.randint(1, V, (2, 10), generator=torch.Generator().manual_seed(4))
+    ref, ref_scores = _greedy(model, ids, max_new_tokens=8)
+    seq, scores = _greedy(model, ids, max_new_tokens=8, cache_implementation="static")
+    assert seq.tolist() == ref.tolist()
+    assert (scores - ref_scores).abs().max().item() < 1e-4
+
+
+@torch.no_grad()
+def test_cuda_graph_refused_where_it_cannot_run(model):
+    cache = StaticHybridCache(model.config, max_cache_len=8, cuda_graph=True)
+    model(torch.ones(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="not on CUDA"):
+        model(torch.ones(1, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        StaticHybridCache(model.config, max_cache_len=0)
