@@ -851,7 +851,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--peak-tflops", type=_float, default=d.peak_tflops,
                    help=f"--train: the MFU denominator per GPU [default: {d.peak_tflops}, H200 dense bf16]")
     p.add_argument("--profile", action="store_true",
-                   help="--train: profile one more step: top kernels and GPU time by kind")
+                   help="CUDA: profile one more training step (--train) or one prefill of the first length: GPU "
+                   "time by kind of kernel and the top kernels")
     p.add_argument("--gpus", type=_positive_int, default=1,
                    help="--train: GPUs of this host (re-launches itself under torchrun when > 1) [default: 1]")
     p.add_argument("--seed", type=_int, default=d.seed, help=f"weights and tokens seed [default: {d.seed}]")

@@ -33,7 +33,7 @@ from torch import nn
 from ..model.modeling import HybridForCausalLM
 from ..model.static_cache import StaticHybridCache
 from ..ops.dispatch import fla_status, note_if_slow_path
-from .common import build, device_name, versions
+from .common import build, device_name, profile_table, versions
 
 SMALL_SHAPES = ("tiny",)  # shapes whose default lengths are CPU-sized
 
@@ -52,6 +52,7 @@ class InferBenchConfig:
     repeats: int = 3
     against: str = "source"  # source | none
     compare_dynamic: bool = True  # also time the hybrid's decoding on its dynamic cache
+    profile: bool = False  # CUDA: profile one prefill of the first length per model (kernels by kind)
     seed: int = 0
 
     def __post_init__(self):
@@ -211,8 +212,22 @@ def _say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
+@torch.no_grad()
+def profile_prefill(model: nn.Module, length: int, cfg: InferBenchConfig, device: torch.device) -> dict:
+    """Where one prefill's GPU time goes (the kernels by kind), and the wall time it took under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = _tokens(1, length, model.config.vocab_size, cfg.seed, device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        _sync(device)
+    return {"length": length, **profile_table(prof)}
+
+
 def bench_model(name: str, model: nn.Module, cfg: InferBenchConfig, device: torch.device, bandwidth: float) -> dict:
     rows = {"prefill": [], "decode": []}
+    if cfg.profile and device.type == "cuda":
+        rows["profile"] = _guarded(device, profile_prefill, model, cfg.prefill_lengths[0], cfg, device)
     for length in cfg.prefill_lengths:
         _say(f"{name}: prefill {length} tokens")
         rows["prefill"].append({"length": length, **_guarded(device, measure_prefill, model, length, cfg, device)})
@@ -284,4 +299,10 @@ def format_table(report: dict) -> str:
             f"{_cell(r, 'tokens_per_s', ',.1f'):>14}" for r in rows) + f"{_cell(row, 'speed_vs_source', '.2f'):>10}"
             f"{_cell(row, 'roofline_tokens_per_s', ',.0f'):>10}{share:>9}"
             f"{_cell(row, 'dynamic_tokens_per_s', ',.1f'):>10}")
+    for m in models:
+        p = res[m].get("profile")
+        if p and "by_kind_ms" in p:
+            kinds = ", ".join(f"{k} {v:.0f}" for k, v in p["by_kind_ms"].items())
+            lines.append(f"profile {m} prefill {p['length']}: GPU {p['gpu_ms']:.0f} ms, {p['kernels']} kernels: "
+                         f"{kinds}")
     return "\n".join(lines)

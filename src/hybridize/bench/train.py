@@ -15,7 +15,6 @@ the H200's dense bf16 rate from its datasheet (989 TFLOP/s) unless `peak_tflops`
 from __future__ import annotations
 
 import gc
-import re
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from ..ops.dispatch import fla_status
 from ..train.config import DistillConfig
 from ..train.parallelize import DistEnv, init_distributed
 from ..train.trainer import DistillationTrainer
-from .common import build, device_name, versions
+from .common import build, device_name, profile_table, versions
 
 H200_BF16_TFLOPS = 989.0
 DELTANET_CHUNK = 64
@@ -71,34 +70,6 @@ def forward_flops_per_token(model: nn.Module, seq_len: int) -> float:
         else:
             flops += 2.0 * cfg.num_attention_heads * head_dim * seq_len
     return flops
-
-
-def _profile_table(prof, rows: int = 25) -> dict:
-    """Top CUDA kernels by self time, and self time summed by kind of kernel."""
-    kinds = [("matmul", r"gemm|cutlass|xmma|nvjet|matmul|wgmma"), ("attention", r"flash|fmha|attention|sdpa"),
-             ("nccl", r"nccl"), ("fla/triton", r"chunk|fused_recurrent|l2norm|causal_conv|layer_norm|swiglu|"
-                                               r"recompute_w_u|solve_tril|kkt|gdn|triton|tilelang"),
-             ("conv", r"conv|depthwise"), ("copy/cat", r"copy|cat|memcpy|memset|fill"),
-             ("reduce/softmax", r"reduce|softmax|logsumexp|norm"), ("elementwise", r"elementwise|vectorized|unrolled")]
-    from torch.autograd import DeviceType
-
-    events = []
-    for e in prof.key_averages():
-        if getattr(e, "device_type", None) != DeviceType.CUDA:  # kernels only: operator rows would count twice
-            continue
-        t = getattr(e, "self_device_time_total", None)
-        t = getattr(e, "self_cuda_time_total", 0) if t is None else t
-        if t > 0:
-            events.append((e.key, t / 1e3, e.count))
-    events.sort(key=lambda x: -x[1])
-    total = sum(t for _, t, _ in events) or 1.0
-    by_kind: dict[str, float] = {}
-    for name, t, _ in events:
-        kind = next((k for k, pattern in kinds if re.search(pattern, name, re.I)), "other")
-        by_kind[kind] = by_kind.get(kind, 0.0) + t
-    return {"gpu_ms": round(total, 2), "kernels": sum(c for _, _, c in events),
-            "by_kind_ms": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top": [{"kernel": n[:90], "ms": round(t, 2), "calls": c} for n, t, c in events[:rows]]}
 
 
 def _free_memory(env: DistEnv) -> None:
@@ -157,7 +128,7 @@ def run_variant(cfg: TrainBenchConfig, env: DistEnv, student_kind: str, checkpoi
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             trainer.train_step(micro)
             _sync(env)
-        profile = _profile_table(prof)
+        profile = profile_table(prof)
     step = statistics.median(times)
     tokens = cfg.batch_size * cfg.seq_len
     flops = tokens * (3 * fwd_student + fwd_teacher)
