@@ -134,16 +134,23 @@ class GatedAttention(nn.Module):
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)
         # attn_mask: None with is_causal for plain prefill, else a boolean (B, 1, T, S) mask (True = attend)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            is_causal=attn_mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=self.head_dim**-0.5,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # (B, H, T, d)
+        y = _attend(q, k, v, attn_mask, self.dropout if self.training else 0.0, self.head_dim**-0.5)  # (B, H, T, d)
         y = y.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1))
         return self.o_proj(y)
+
+
+def _attend(q, k, v, attn_mask, dropout: float, scale: float) -> torch.Tensor:
+    """SDPA with grouped-query heads. One query token under a mask (decoding on a static cache) folds each KV head's
+    query heads into the query axis — (B, Hkv, H/Hkv, d) against (B, Hkv, S, d) — so a masked kernel reads every
+    K/V once, where `enable_gqa` would take the math path and copy K/V out to every query head."""
+    B, H, T, d = q.shape
+    groups = H // k.shape[1]
+    if T == 1 and attn_mask is not None and groups > 1:
+        y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], groups, d), k, v, attn_mask=attn_mask,
+                                           dropout_p=dropout, scale=scale)  # mask (B, 1, 1, S) broadcasts
+        return y.view(B, H, 1, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                          dropout_p=dropout, scale=scale, enable_gqa=groups > 1)
 
 
 class GatedDeltaNet(nn.Module):
