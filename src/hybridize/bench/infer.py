@@ -226,11 +226,11 @@ def profile_prefill(model: nn.Module, length: int, cfg: InferBenchConfig, device
 
 def bench_model(name: str, model: nn.Module, cfg: InferBenchConfig, device: torch.device, bandwidth: float) -> dict:
     rows = {"prefill": [], "decode": []}
-    if cfg.profile and device.type == "cuda":
-        rows["profile"] = _guarded(device, profile_prefill, model, cfg.prefill_lengths[0], cfg, device)
     for length in cfg.prefill_lengths:
         _say(f"{name}: prefill {length} tokens")
         rows["prefill"].append({"length": length, **_guarded(device, measure_prefill, model, length, cfg, device)})
+    if cfg.profile and device.type == "cuda":  # after the timed rows: kernels compiled and autotuned, not profiled
+        rows["profile"] = _guarded(device, profile_prefill, model, cfg.prefill_lengths[0], cfg, device)
     for context in cfg.decode_contexts:
         for batch in cfg.decode_batches:
             _say(f"{name}: decode batch {batch} after {context} tokens")

@@ -148,7 +148,7 @@ def _attend(q, k, v, attn_mask, dropout: float, scale: float) -> torch.Tensor:
     if T == 1 and attn_mask is not None and groups > 1:
         y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], groups, d), k, v, attn_mask=attn_mask,
                                            dropout_p=dropout, scale=scale)  # mask (B, 1, 1, S) broadcasts
-        return y.view(B, H, 1, d)
+        return y.reshape(B, H, 1, d)  # the kernel may return another memory layout
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                                           dropout_p=dropout, scale=scale, enable_gqa=groups > 1)
 
