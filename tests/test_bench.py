@@ -45,12 +45,28 @@ def test_bench_train_tiny_writes_a_report(tmp_path, capsys):
     for r in rows:
         assert r["tokens_per_s"] == pytest.approx(64 / r["step_s"], rel=0.02)
         assert r["loss"] is not None and r["loss"] > 0
+    assert report["sharding"] == "none" and {r["sharding"] for r in rows} == {"none"}  # auto, one process
     hybrid, source = rows[0], rows[1]
     assert hybrid["speed_vs_source"] == pytest.approx(hybrid["tokens_per_s"] / source["tokens_per_s"], rel=1e-2)
     # checkpointing recomputes, it does not change the training: same losses with and without
     assert rows[2]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
     table = capsys.readouterr().out
     assert "hybrid" in table and "× source" in table
+
+
+def test_bench_train_times_either_layout_and_records_it(tmp_path, capsys):
+    """`--sharding fsdp|none` time the same step (the same loss) and the report says which layout ran."""
+    losses = {}
+    for sharding in ("fsdp", "none"):
+        out = tmp_path / f"{sharding}.json"
+        assert main(["bench", "--train", "--shape", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "1",
+                     "--warmup", "1", "--checkpointing", "off", "--against", "none", "--sharding", sharding,
+                     "--json", str(out)]) == 0
+        report = json.loads(out.read_text())
+        assert report["sharding"] == sharding and report["results"][0]["sharding"] == sharding
+        losses[sharding] = report["results"][0]["loss"]
+        assert f"sharding {sharding}" in capsys.readouterr().out
+    assert losses["none"] == pytest.approx(losses["fsdp"], rel=1e-5)
 
 
 def _kv_bytes(layers: int, cfg, length: int, batch: int = 1) -> int:

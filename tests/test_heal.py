@@ -69,7 +69,8 @@ def test_distill_argv_rebuilds_the_same_config():
     from dataclasses import fields
 
     config = DistillConfig(seq_len=64, batch_size=8, grad_accum=2, tokens=12_345, lr=1e-3, align_only=True,
-                           train="linear", grad_checkpointing=True, eval_every=3, dtype="float32", seed=7)
+                           train="linear", grad_checkpointing=True, eval_every=3, dtype="float32", seed=7,
+                           sharding="fsdp")
     argv = distill_argv("T", Path("S"), ["a.jsonl"], Path("R"), config, ["v.jsonl"], resume=True, override=False,
                         progress=False)
     args = build_parser().parse_args(argv)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,12 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _curve(run: Path) -> list[list]:
+    """What must repeat exactly when a run is resumed: every step's losses, lr, gradient norm and tokens."""
+    keys = ("step", "loss", "kd_loss", "task_loss", "lr", "grad_norm", "tokens")
+    return [[m[k] for k in keys] for m in _metrics(run)]
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A teacher folder, its converted 3:1 student and a small JSONL corpus."""
@@ -277,8 +284,7 @@ def test_kill_9_then_resume_reproduces_the_run(workspace, tmp_path):
     assert done < 40, "the run finished before it could be killed"
     resumed = _hybridize(*_distill_args(workspace, cut, *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    keys = ("step", "loss", "kd_loss", "task_loss", "lr", "grad_norm", "tokens")
-    assert [[m[k] for k in keys] for m in _metrics(cut)] == [[m[k] for k in keys] for m in _metrics(whole)]
+    assert _curve(cut) == _curve(whole)
 
 
 def test_two_processes_equal_one(workspace, tmp_path):
@@ -295,27 +301,102 @@ def test_two_processes_equal_one(workspace, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
 
 
-def test_nan_steps_are_skipped_then_the_run_stops(workspace, tmp_path):
+def _student(ws: Path):
     from hybridize.model.modeling import HybridForCausalLM
+
+    return HybridForCausalLM.from_pretrained(ws / "student", dtype=torch.float32)
+
+
+def _fit(ws: Path, run: Path, config: DistillConfig, student=None, resume: bool = False) -> DistillationTrainer:
+    """`DistillationTrainer.fit` in this process on the workspace's corpus, with fresh models (training changes
+    them in place); a finished run also writes RUN/final."""
     from hybridize.train.data import PackedBatches, load_or_build_tokens
     from hybridize.train.models import load_tokenizer
     from hybridize.train.parallelize import shutdown_distributed
 
-    student = HybridForCausalLM.from_pretrained(workspace / "student", dtype=torch.float32)
-    with torch.no_grad():
-        student.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
-    teacher = load_language_model(workspace / "teacher", torch.float32)
-    tokenizer = load_tokenizer(workspace / "student")
-    tokens = load_or_build_tokens([workspace / "train.jsonl"], tokenizer, tokenizer.eos_token_id, None, False)
-    trainer = DistillationTrainer(teacher, student, DistillConfig(seq_len=32, batch_size=4, steps=10,
-                                                                  max_bad_steps=3, save_every=0))
+    tokenizer = load_tokenizer(ws / "student")
+    tokens = load_or_build_tokens([ws / "train.jsonl"], tokenizer, tokenizer.eos_token_id, None, False)
+    teacher = load_language_model(ws / "teacher", torch.float32)
+    trainer = DistillationTrainer(teacher, _student(ws) if student is None else student, config)
+    batches = PackedBatches(tokens, config.seq_len, config.batch_size, config.grad_accum, seed=config.seed)
     try:
-        with pytest.raises(HybridizeError, match="3 steps had a non-finite loss"):
-            trainer.fit(PackedBatches(tokens, 32, 4), tmp_path / "nan", progress=False)
+        trainer.fit(batches, run, resume=resume, progress=False)
+        if trainer.finished:
+            trainer.save_final(run / "final", torch.float32)
     finally:
         shutdown_distributed()
+    return trainer
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(workspace, tmp_path):
+    student = _student(workspace)
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    config = DistillConfig(seq_len=32, batch_size=4, steps=10, max_bad_steps=3, save_every=0)
+    with pytest.raises(HybridizeError, match="3 steps had a non-finite loss"):
+        _fit(workspace, tmp_path / "nan", config, student)
     metrics = _metrics(tmp_path / "nan")
     assert len(metrics) == 3 and all(m["skipped"] and m["loss"] is None for m in metrics)
+
+
+# ------------------------------------------------------------------------------------------------ one process, no FSDP
+
+SHORT_RUN = dict(seq_len=32, batch_size=4, steps=6, lr=3e-3, warmup=2, alpha=0.5, save_every=0)
+
+
+@pytest.mark.parametrize("grad_accum,dtype", [(1, "float32"), (2, "float32"), (2, "bfloat16")])
+def test_unsharded_steps_equal_fsdp_steps(workspace, tmp_path, grad_accum, dtype):
+    """`--sharding none` (plain modules) trains the same model as FSDP2 in a world of one: the same losses and
+    gradient norms step after step, with gradient accumulation, and in bf16 compute too (the same mixed precision:
+    bf16 weights in the step, float32 gradients, master weights and optimizer state)."""
+    runs = {}
+    for sharding in ("fsdp", "none"):
+        config = DistillConfig(**SHORT_RUN, grad_accum=grad_accum, dtype=dtype, sharding=sharding)
+        trainer = _fit(workspace, tmp_path / sharding, config)
+        assert trainer.parallel.sharding == sharding
+        runs[sharding] = _metrics(tmp_path / sharding)
+    assert {p.dtype for p in trainer.student.parameters()} == {torch.float32}  # masters
+    assert {p.dtype for p in trainer.teacher.parameters()} == {getattr(torch, dtype)}  # stored for compute
+    assert {s["grad_norm"] > 0 and "skipped" not in s for s in runs["none"]} == {True}
+    for a, b in zip(runs["fsdp"], runs["none"], strict=True):
+        for key in ("loss", "kd_loss", "task_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
+
+@pytest.mark.parametrize("first", ["none", "fsdp"])
+def test_unsharded_stop_and_resume_reproduce_the_run(workspace, tmp_path, first):
+    """Stopped at step 3 (under `first`) and resumed without FSDP: the same run, bit for bit, as an uninterrupted
+    one without FSDP, and the same final model file. A checkpoint written under FSDP2 resumes without it."""
+    config = DistillConfig(**SHORT_RUN, grad_accum=2, sharding="none")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _fit(workspace, whole, config)
+    assert not _fit(workspace, cut, replace(config, sharding=first, stop_at=3)).finished
+    _fit(workspace, cut, config, resume=True)
+    assert len(_metrics(cut)) == 6 and _curve(cut) == _curve(whole)
+    files = sorted(p.name for p in (whole / "final").iterdir())
+    assert files == sorted(p.name for p in (cut / "final").iterdir()) and "model.safetensors" in files
+    assert (cut / "final" / "model.safetensors").read_bytes() == (whole / "final" / "model.safetensors").read_bytes()
+
+
+def test_sharding_none_needs_one_process_and_known_values(pair, workspace, tmp_path):
+    from hybridize.heal import HealConfig, HealJob, check_job
+    from hybridize.train.parallelize import DistEnv, parallelize
+    from hybridize.transfer.config import CrossArchTransferConfig
+
+    teacher, _, hybrid = pair
+    fake_world = DistEnv(rank=0, world_size=2, device=torch.device("cpu"), mesh=None)
+    with pytest.raises(HybridizeError, match=r"^--sharding none trains in one process, but this run has 2: use "):
+        parallelize(DistillationObjective(hybrid, teacher), fake_world, torch.float32, sharding="none")
+    job = HealJob(source="S", out=tmp_path / "heal", data=[str(workspace / "train.jsonl")],
+                  transfer=CrossArchTransferConfig(), distill=DistillConfig(sharding="none"), heal=HealConfig(gpus=2))
+    with pytest.raises(HybridizeError, match="--sharding none trains in one process"):
+        check_job(job)
+    with pytest.raises(HybridizeError, match="sharding must be one of auto, fsdp, none"):
+        DistillConfig(sharding="zero3")
+    result = _hybridize(*_distill_args(workspace, tmp_path / "run", "--steps", 2, "--sharding", "zero3"))
+    assert result.returncode == 2 and not (tmp_path / "run").exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--sharding: invalid choice: 'zero3'" in lines[0], result.stderr
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "vocab", "resume", "again"])

@@ -345,7 +345,7 @@ def _count(text: str) -> int:
 
 def _add_training_flags(p, d, eval_tokens: bool = True) -> None:
     """The DistillConfig flags that `distill` and `heal` share (all but the run's length, --align-only, --stop-at)."""
-    from .train.config import COMPUTE_DTYPES, TRAINABLE
+    from .train.config import COMPUTE_DTYPES, SHARDINGS, TRAINABLE
 
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
                    help=f"tokens per sequence [default: {d.seq_len}]")
@@ -376,6 +376,12 @@ def _add_training_flags(p, d, eval_tokens: bool = True) -> None:
                    f"gradient reduction stay float32) [default: {d.dtype}]")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory, ~30%% more compute)")
+    p.add_argument("--sharding", choices=SHARDINGS, default=d.sharding,
+                   help="fsdp: shard student and teacher with FSDP2 over the processes (torchrun); none: plain modules "
+                   "in one process, without FSDP's per-layer gathers, casts and hooks (less work per step on one GPU; "
+                   "the same numerics: float32 master weights, compute in --dtype); auto: none for one process, fsdp "
+                   "for more. "
+                   f"Checkpoints resume under either [default: {d.sharding}]")
     p.add_argument("--save-every", type=_int, default=d.save_every,
                    help=f"checkpoint every N steps (and at the end); 0 = only at the end [default: {d.save_every}]")
     p.add_argument("--keep", type=_positive_int, default=d.keep, help=f"checkpoints to keep [default: {d.keep}]")
@@ -802,6 +808,7 @@ def cmd_train_etd(args) -> int:
 def add_bench_parser(sub) -> None:
     from .bench.shapes import SHAPES
     from .bench.train import TrainBenchConfig
+    from .train.config import SHARDINGS
 
     d = TrainBenchConfig()
     p = sub.add_parser(
@@ -811,7 +818,8 @@ def add_bench_parser(sub) -> None:
         "--decode-contexts with its roofline (weights + cache bytes over the measured copy bandwidth), cache size and "
         "peak memory, for the default 3:1 hybrid of --shape and, side by side in the same process, transformers' "
         "model of the source. With --train: time the distillation step `hybridize distill` runs (student "
-        "forward+backward, bf16 teacher forward, fused KD head, AdamW; FSDP2 over --gpus) for both. Random weights "
+        "forward+backward, bf16 teacher forward, fused KD head, AdamW; FSDP2 over --gpus, or plain modules with "
+        "--sharding none) for both. Random weights "
         "and tokens with the real shapes; bf16 on CUDA, float32 on a CPU. Prints a table; --json writes every number.",
     )
     p.add_argument("--train", action="store_true", help="the training-step benchmark instead of inference")
@@ -845,6 +853,9 @@ def add_bench_parser(sub) -> None:
                    help=f"also time transformers' source model (as the student with --train) [default: {d.against}]")
     p.add_argument("--no-teacher", dest="teacher", action="store_false",
                    help="--train: plain fine-tuning on cross-entropy (no teacher forward, no KD)")
+    p.add_argument("--sharding", choices=SHARDINGS, default=d.sharding,
+                   help="--train: fsdp (FSDP2, also in one process: what distill did before) or none (plain modules, "
+                   f"one process); auto: none for one GPU, fsdp for more [default: {d.sharding}]")
     p.add_argument("--master-dtype", choices=("float32", "bfloat16"), default=d.master_dtype,
                    help="--train: dtype of the trained weights and AdamW state (compute is bf16 on CUDA either way) "
                    f"[default: {d.master_dtype}]")

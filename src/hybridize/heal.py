@@ -296,7 +296,11 @@ def _evaluate(job: HealJob, model_dir: Path, progress: bool) -> dict:
 
 
 def check_job(job: HealJob) -> None:
-    """Mistakes found before anything is written: missing data, an OUT that is or holds an input."""
+    """Mistakes found before anything is written: missing data, an OUT that is or holds an input, --sharding none
+    with --gpus > 1."""
+    from .train.parallelize import resolve_sharding
+
+    resolve_sharding(job.distill.sharding, job.heal.gpus)
     for path in [*job.data, *job.eval_data]:
         if not Path(path).expanduser().exists():
             raise HybridizeError(f"data path {path} does not exist")

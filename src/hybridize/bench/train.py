@@ -2,8 +2,9 @@
 
 Each variant builds its student with random weights (the real shapes; speed does not depend on the values), a
 bf16 teacher of the source architecture, and runs `DistillationTrainer.train_step` — the code `hybridize distill`
-runs: FSDP2 over all processes, fp32 master weights (or `master_dtype`), AdamW, the fused KD head — on random
-tokens. The baseline variant is the same step with transformers' own model of the source as the student.
+runs: FSDP2 over all processes or plain modules in one (`sharding`, as `distill --sharding`), fp32 master weights
+(or `master_dtype`), AdamW, the fused KD head — on random tokens; the report records which layout ran. The
+baseline variant is the same step with transformers' own model of the source as the student.
 
 Reported per variant: tokens/s (global), step time (median of `steps` after `warmup`), MFU and peak GPU memory
 per GPU. MFU counts model FLOPs (no activation recompute): 6 × the student's matmul parameters + 2 × the
@@ -26,7 +27,7 @@ from torch import nn
 from ..model.config import LINEAR
 from ..ops.dispatch import fla_status
 from ..train.config import DistillConfig
-from ..train.parallelize import DistEnv, init_distributed
+from ..train.parallelize import DistEnv, init_distributed, resolve_sharding
 from ..train.trainer import DistillationTrainer
 from .common import build, device_name, profile_table, versions
 
@@ -48,6 +49,7 @@ class TrainBenchConfig:
     against: str = "source"  # source | none
     teacher: bool = True
     master_dtype: str = "float32"
+    sharding: str = "auto"  # auto | fsdp | none, as DistillConfig.sharding
     peak_tflops: float = H200_BF16_TFLOPS
     profile: bool = False
     seed: int = 0
@@ -102,7 +104,8 @@ def run_variant(cfg: TrainBenchConfig, env: DistEnv, student_kind: str, checkpoi
     fwd_student = forward_flops_per_token(student, cfg.seq_len)
     fwd_teacher = forward_flops_per_token(teacher, cfg.seq_len) if teacher is not None else 0.0
     dcfg = DistillConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                         grad_checkpointing=checkpointing, alpha=1.0 if cfg.teacher else 0.0, steps=1_000_000)
+                         grad_checkpointing=checkpointing, alpha=1.0 if cfg.teacher else 0.0, steps=1_000_000,
+                         sharding=cfg.sharding)
     trainer = DistillationTrainer(teacher, student, dcfg)
     trainer.setup(total_steps=1_000_000)
     per_rank = cfg.batch_size // (cfg.grad_accum * env.world_size)
@@ -134,7 +137,8 @@ def run_variant(cfg: TrainBenchConfig, env: DistEnv, student_kind: str, checkpoi
     flops = tokens * (3 * fwd_student + fwd_teacher)
     peak = torch.cuda.max_memory_allocated(env.device) / 1e9 if env.device.type == "cuda" else None
     result = {
-        "student": student_kind, "checkpointing": checkpointing, "tokens_per_s": round(tokens / step, 1),
+        "student": student_kind, "checkpointing": checkpointing, "sharding": trainer.parallel.sharding,
+        "tokens_per_s": round(tokens / step, 1),
         "step_s": round(step, 4), "step_s_spread": round(max(times) - min(times), 4),
         "mfu": round(flops / step / env.world_size / (cfg.peak_tflops * 1e12), 4),
         "model_tflop_per_step": round(flops / 1e12, 2), "peak_gb_per_gpu": None if peak is None else round(peak, 2),
@@ -153,6 +157,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
     if cfg.batch_size % (cfg.grad_accum * env.world_size):
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of grad_accum × GPUs "
                          f"({cfg.grad_accum} × {env.world_size})")
+    sharding = resolve_sharding(cfg.sharding, env.world_size)  # refused before any model is built
     flags = {"both": [False, True], "on": [True], "off": [False]}[cfg.checkpointing]
     students = ["hybrid"] + (["source"] if cfg.against == "source" else [])
     results = [run_variant(cfg, env, s, ac) for ac in flags for s in students]
@@ -164,14 +169,15 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
                 r["speed_vs_source"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
     compute = "bfloat16" if env.device.type == "cuda" else "float32"
     return {"config": asdict(cfg), "world_size": env.world_size, "device": device_name(env.device, env.world_size),
-            "compute_dtype": compute, "versions": versions(), "kernels": fla_status(), "results": results}
+            "sharding": sharding, "compute_dtype": compute, "versions": versions(), "kernels": fla_status(),
+            "results": results}
 
 
 def format_table(report: dict) -> str:
     cfg = report["config"]
     lines = [f"training step, shape {cfg['shape']}, {cfg['batch_size']} × {cfg['seq_len']} tokens, "
              f"teacher {report['compute_dtype'] if cfg['teacher'] else 'none'}, master {cfg['master_dtype']}, "
-             f"{report['device']}, "
+             f"sharding {report['sharding']}, {report['device']}, "
              f"kernels: {report['kernels']}",
              f"{'student':<8} {'ckpt':<5} {'tok/s':>10} {'step s':>8} {'MFU':>6} {'peak GB/GPU':>12} {'× source':>9}"]
     for r in report["results"]:

@@ -12,6 +12,7 @@ from ..transfer.config import CrossArchTransferConfig
 
 TRAINABLE = ("all", "mixers", "linear")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
+SHARDINGS = ("auto", "fsdp", "none")
 
 
 @dataclass
@@ -26,6 +27,9 @@ class DistillConfig:
     schedule (--resume continues). `train`: "all" parameters, "mixers" (every layer's token mixer: DeltaNet and
     gated attention) or "linear" (only the DeltaNet layers, the parts conversion made new). `dtype` "auto"
     computes in bfloat16 on CUDA and in float32 on CPU; master weights and optimizer state are float32 either way.
+    `sharding`: "fsdp" shards student and teacher with FSDP2 over the processes, "none" trains plain modules in
+    one process (no per-layer gathers, casts and hooks; the same numerics, see parallelize.Unsharded), "auto" is
+    none for one process and fsdp for more. It may change between invocations of a run (checkpoints load either way).
     """
 
     seq_len: int = 2048
@@ -45,6 +49,7 @@ class DistillConfig:
     train: str = "all"
     dtype: str = "auto"
     grad_checkpointing: bool = False
+    sharding: str = "auto"
     save_every: int = 500
     keep: int = 2
     eval_every: int = 0
@@ -74,6 +79,7 @@ class DistillConfig:
             (self.align_weight >= 0, "align_weight must be >= 0"),
             (self.train in TRAINABLE, f"train must be one of {', '.join(TRAINABLE)}"),
             (self.dtype in COMPUTE_DTYPES, f"dtype must be one of {', '.join(COMPUTE_DTYPES)}"),
+            (self.sharding in SHARDINGS, f"sharding must be one of {', '.join(SHARDINGS)}"),
             (self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0"),
             (self.keep >= 1, "keep must be >= 1"),
             (self.stop_at is None or self.stop_at >= 1, "stop_at must be >= 1"),
@@ -109,7 +115,7 @@ class DistillConfig:
 
 
 # Settings a resumed run keeps unless --override: they change the learning-rate schedule or the loss. The rest
-# (e.g. --stop-at, --save-every, --grad-accum, --grad-checkpointing) may change between invocations.
+# (e.g. --stop-at, --save-every, --grad-accum, --grad-checkpointing, --sharding) may change between invocations.
 SCHEDULE_FIELDS = ("steps", "tokens", "lr", "min_lr", "warmup", "weight_decay", "clip", "temperature", "alpha",
                    "align_weight", "align_only", "dtype")
 # Settings a resumed run can never change: the data windows and their order, and the parameters the optimizer

@@ -42,7 +42,7 @@ from .evaluate import evaluate
 from .losses import IGNORE_INDEX, next_token_targets
 from .models import check_pair
 from .objective import DistillationObjective
-from .parallelize import DistEnv, broadcast_from_rank0, full_states, init_distributed, parallelize
+from .parallelize import DistEnv, Parallelized, broadcast_from_rank0, full_states, init_distributed, parallelize
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
@@ -172,8 +172,9 @@ class DistillationTrainer:
     `config` is a DistillConfig, or a CrossArchTransferConfig whose distillation_temperature / distillation_alpha
     (default 2.0 / 0.5) set the loss. `teacher=None` with alpha 0 fine-tunes on cross-entropy alone.
 
-    `compute_loss` works on plain modules (tests, notebooks); `fit` shards both models with FSDP2 over however
-    many processes torchrun started (one without torchrun) and runs the resumable loop.
+    `compute_loss` works on plain modules (tests, notebooks); `fit` lays both models out for training
+    (`parallelize`: FSDP2 over the processes torchrun started, plain modules in one process unless
+    config.sharding says "fsdp") and runs the resumable loop.
     """
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module,
@@ -189,6 +190,7 @@ class DistillationTrainer:
                                                align=self.config.aligns, chunk_tokens=self.config.chunk_tokens,
                                                kd_weight=kd_weight, ce_weight=ce_weight)
         self.env: DistEnv | None = None
+        self.parallel: Parallelized | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
         self.finished = False
@@ -230,12 +232,13 @@ class DistillationTrainer:
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, total_steps: int) -> DistEnv:
-        """Process group, FSDP2, optimizer and schedule (once)."""
+        """Process group, sharding (or not: `parallelize` decides), optimizer and schedule (once)."""
         if self.env is not None:
             return self.env
         env = init_distributed()
         states = full_states(self.objective) if env.is_main and env.world_size > 1 else None
-        parallelize(self.objective, env, self.config.compute_dtype(env.device.type), self.config.grad_checkpointing)
+        self.parallel = parallelize(self.objective, env, self.config.compute_dtype(env.device.type),
+                                    self.config.grad_checkpointing, self.config.sharding)
         broadcast_from_rank0(self.objective, env, states)  # other ranks may hold meta-device skeletons
         del states
         cfg = self.config
@@ -259,14 +262,15 @@ class DistillationTrainer:
         self.objective.train()
         count = self._global_count(micro_batches)
         sums = torch.zeros(3, device=env.device)  # kd, ce, align over this rank's tokens
-        for i, mb in enumerate(micro_batches):
-            mb = mb.to(env.device, non_blocking=True)
-            self.objective.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce once per step
-            out = self.objective(mb, mb)
-            align = out.get("align_sum", out["kd_sum"].new_zeros(()))
-            # FSDP averages gradients over ranks; × world_size turns that into a sum over the global batch
-            (self._loss_sum(out) * (env.world_size / count)).backward()
-            sums += torch.stack([out["kd_sum"], out["ce_sum"], align]).detach().float()
+        with self.parallel.compute_weights():  # float32 gradients on the master weights after it
+            for i, mb in enumerate(micro_batches):
+                mb = mb.to(env.device, non_blocking=True)
+                with self.parallel.micro_step(last=i == len(micro_batches) - 1):  # gradients reduced once per step
+                    out = self.objective(mb, mb)
+                    align = out.get("align_sum", out["kd_sum"].new_zeros(()))
+                    # FSDP averages gradients over ranks; × world_size turns that into a sum over the global batch
+                    (self._loss_sum(out) * (env.world_size / count)).backward()
+                sums += torch.stack([out["kd_sum"], out["ce_sum"], align]).detach().float()
         dist.all_reduce(sums)
         kd, ce, align = (sums / count).tolist()
         loss = self._combine(kd, ce, align)
@@ -367,7 +371,8 @@ class DistillationTrainer:
         return 1
 
     def _evaluate(self, run_dir: Path, step: int, windows: torch.Tensor, batch_size: int) -> None:
-        result = evaluate(self.objective, windows, batch_size, self.env)
+        with self.parallel.compute_weights():
+            result = evaluate(self.objective, windows, batch_size, self.env)
         if self.env.is_main:
             _append_json(run_dir / EVAL_FILE, {"step": step, **result})
             tqdm.write(f"step {step}: eval {json.dumps(result)}", file=sys.stderr)
