@@ -45,7 +45,7 @@ def test_bench_train_tiny_writes_a_report(tmp_path, capsys):
     for r in rows:
         assert r["tokens_per_s"] == pytest.approx(64 / r["step_s"], rel=0.02)
         assert r["loss"] is not None and r["loss"] > 0
-    assert report["sharding"] == "none" and {r["sharding"] for r in rows} == {"none"}  # auto, one process
+    assert report["sharding"] == "fsdp" and {r["sharding"] for r in rows} == {"fsdp"}  # the default
     hybrid, source = rows[0], rows[1]
     assert hybrid["speed_vs_source"] == pytest.approx(hybrid["tokens_per_s"] / source["tokens_per_s"], rel=1e-2)
     # checkpointing recomputes, it does not change the training: same losses with and without

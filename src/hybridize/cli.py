@@ -378,9 +378,9 @@ def _add_training_flags(p, d, eval_tokens: bool = True) -> None:
                    help="recompute each block's activations in the backward pass (less memory, ~30%% more compute)")
     p.add_argument("--sharding", choices=SHARDINGS, default=d.sharding,
                    help="fsdp: shard student and teacher with FSDP2 over the processes (torchrun); none: plain modules "
-                   "in one process, without FSDP's per-layer gathers, casts and hooks (less work per step on one GPU; "
-                   "the same numerics: float32 master weights, compute in --dtype); auto: none for one process, fsdp "
-                   "for more. "
+                   "in one process, without FSDP's per-layer gathers, casts and hooks (the same numerics: float32 "
+                   "master weights, compute in --dtype; tested on CPUs, not yet measured on a GPU, where its first "
+                   "run did not finish its warm-up in 140 s); auto: none for one process, fsdp for more. "
                    f"Checkpoints resume under either [default: {d.sharding}]")
     p.add_argument("--save-every", type=_int, default=d.save_every,
                    help=f"checkpoint every N steps (and at the end); 0 = only at the end [default: {d.save_every}]")

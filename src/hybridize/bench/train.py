@@ -49,7 +49,7 @@ class TrainBenchConfig:
     against: str = "source"  # source | none
     teacher: bool = True
     master_dtype: str = "float32"
-    sharding: str = "auto"  # auto | fsdp | none, as DistillConfig.sharding
+    sharding: str = "fsdp"  # auto | fsdp | none, as DistillConfig.sharding
     peak_tflops: float = H200_BF16_TFLOPS
     profile: bool = False
     seed: int = 0

@@ -2,7 +2,7 @@
 
 A single process without torchrun gets a world of one, so gradient reduction and checkpoints run the same code
 everywhere. CPU runs use gloo, CUDA runs NCCL. N processes shard student and teacher with FSDP2; one process
-trains plain modules by default (`DistillConfig.sharding`), with the same mixed-precision contract.
+can train plain modules instead (`DistillConfig.sharding` "none"), with the same mixed-precision contract.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def resolve_sharding(sharding: str, world_size: int) -> str:
     """"fsdp" or "none" for DistillConfig.sharding: "auto" shards only when there is more than one process.
 
     One process has nothing to shard: FSDP2 there only adds per-layer gathers, casts and hooks (thousands of
-    kernel launches per step at SmolLM2 sizes, a CPU-bound step), so "auto" trains it as plain modules."""
+    kernel launches per step at SmolLM2 sizes, a CPU-bound step), so "auto" trains it as plain modules. (Not the
+    default yet: see DistillConfig.sharding.)"""
     if sharding not in SHARDINGS:
         raise HybridizeError(f"sharding must be one of {', '.join(SHARDINGS)}, got {sharding!r}")
     if sharding == "none" and world_size > 1:
