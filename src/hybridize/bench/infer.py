@@ -212,16 +212,32 @@ def _say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-@torch.no_grad()
-def profile_prefill(model: nn.Module, length: int, cfg: InferBenchConfig, device: torch.device) -> dict:
-    """Where one prefill's GPU time goes (the kernels by kind), and the wall time it took under the profiler."""
+def _profiled(run) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    ids = _tokens(1, length, model.config.vocab_size, cfg.seed, device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        _sync(device)
-    return {"length": length, **profile_table(prof)}
+        run()
+    return profile_table(prof)
+
+
+@torch.no_grad()
+def profile_prefill(model: nn.Module, length: int, cfg: InferBenchConfig, device: torch.device) -> dict:
+    """Where one prefill's GPU time goes (the kernels by kind)."""
+    ids = _tokens(1, length, model.config.vocab_size, cfg.seed, device)
+    return {"length": length, **_profiled(lambda: (model(input_ids=ids, use_cache=True, logits_to_keep=1),
+                                                   _sync(device)))}
+
+
+@torch.no_grad()
+def profile_decode_step(model: nn.Module, cfg: InferBenchConfig, device: torch.device) -> dict:
+    """The hybrid's one-token step at batch 1 run eagerly (the kernels its CUDA graph replays): how many kernels a
+    token costs and where their GPU time goes, after a prompt of the first decode context."""
+    context = cfg.decode_contexts[0]
+    ids = _tokens(1, context, model.config.vocab_size, cfg.seed, device)
+    cache = StaticHybridCache(model.config, context + 4, cuda_graph=False)
+    token = model(input_ids=ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    model(input_ids=token, cache=cache)  # warm-up
+    return {"context": context, **_profiled(lambda: (model(input_ids=token, cache=cache), _sync(device)))}
 
 
 def bench_model(name: str, model: nn.Module, cfg: InferBenchConfig, device: torch.device, bandwidth: float) -> dict:
@@ -231,6 +247,8 @@ def bench_model(name: str, model: nn.Module, cfg: InferBenchConfig, device: torc
         rows["prefill"].append({"length": length, **_guarded(device, measure_prefill, model, length, cfg, device)})
     if cfg.profile and device.type == "cuda":  # after the timed rows: kernels compiled and autotuned, not profiled
         rows["profile"] = _guarded(device, profile_prefill, model, cfg.prefill_lengths[0], cfg, device)
+        if isinstance(model, HybridForCausalLM):
+            rows["profile_decode"] = _guarded(device, profile_decode_step, model, cfg, device)
     for context in cfg.decode_contexts:
         for batch in cfg.decode_batches:
             _say(f"{name}: decode batch {batch} after {context} tokens")
@@ -305,4 +323,9 @@ def format_table(report: dict) -> str:
             kinds = ", ".join(f"{k} {v:.0f}" for k, v in p["by_kind_ms"].items())
             lines.append(f"profile {m} prefill {p['length']}: GPU {p['gpu_ms']:.0f} ms, {p['kernels']} kernels: "
                          f"{kinds}")
+        p = res[m].get("profile_decode")
+        if p and "by_kind_ms" in p:
+            kinds = ", ".join(f"{k} {v:.2f}" for k, v in p["by_kind_ms"].items())
+            lines.append(f"profile {m} decode step (eager, batch 1, context {p['context']}): GPU {p['gpu_ms']:.2f} "
+                         f"ms, {p['kernels']} kernels: {kinds}")
     return "\n".join(lines)
