@@ -65,18 +65,31 @@ def test_stage_plan_defaults_and_long_context_keeps_tokens_per_step():
     assert long.batch_size % (long.grad_accum * 2) == 0
 
 
-def test_distill_argv_rebuilds_the_same_config():
+@pytest.mark.parametrize("mtp", [{}, {"mtp_weight": 0.25, "mtp_depths": 3}])
+def test_distill_argv_rebuilds_the_same_config(mtp):
     from dataclasses import fields
+
+    from hybridize.cli import _resolve_mtp
 
     config = DistillConfig(seq_len=64, batch_size=8, grad_accum=2, tokens=12_345, lr=1e-3, align_only=True,
                            train="linear", grad_checkpointing=True, eval_every=3, dtype="float32", seed=7,
-                           sharding="fsdp")
+                           sharding="fsdp", **mtp)
     argv = distill_argv("T", Path("S"), ["a.jsonl"], Path("R"), config, ["v.jsonl"], resume=True, override=False,
                         progress=False)
     args = build_parser().parse_args(argv)
+    _resolve_mtp(args)  # what cmd_distill does: --mtp-weight alone turns the heads on
     rebuilt = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
     assert rebuilt == config
     assert args.resume and not args.override and args.no_progress and args.eval_data == ["v.jsonl"]
+
+
+def test_mtp_heads_join_after_the_alignment_stage():
+    """heal --mtp: the alignment stage trains the DeltaNet layers alone; the KD and long stages train the heads."""
+    job = _job(tokens=1_000_000, long_context_tokens=1000)
+    job.distill = replace(job.distill, mtp_weight=0.3, mtp_depths=2)
+    align, kd, long = training_stages(job)
+    assert (align.config.mtp_weight, align.config.mtp_depths) == (0.0, None)
+    assert (kd.config.mtp_weight, kd.config.mtp_depths) == (long.config.mtp_weight, long.config.mtp_depths) == (0.3, 2)
 
 
 def _heal(ws: Path, out: Path, *extra) -> int:

@@ -287,8 +287,10 @@ def test_kill_9_then_resume_reproduces_the_run(workspace, tmp_path):
     assert _curve(cut) == _curve(whole)
 
 
-def test_two_processes_equal_one(workspace, tmp_path):
-    args = ("--steps", 6, "--save-every", 0)
+@pytest.mark.parametrize("mtp", [(), ("--mtp", "--mtp-depths", 2)])
+def test_two_processes_equal_one(workspace, tmp_path, mtp):
+    """Also with fresh MTP heads: rank 1 builds them on the meta device and receives rank 0's by broadcast."""
+    args = ("--steps", 6, "--save-every", 0, *mtp)
     one, two = tmp_path / "one", tmp_path / "two"
     assert _hybridize(*_distill_args(workspace, one, *args)).returncode == 0
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -297,7 +299,7 @@ def test_two_processes_equal_one(workspace, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     for a, b in zip(_metrics(one), _metrics(two), strict=True):
-        for key in ("loss", "kd_loss", "task_loss", "grad_norm"):
+        for key in ("loss", "kd_loss", "task_loss", "grad_norm", *(("mtp_loss",) if mtp else ())):
             assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
 
 
@@ -363,15 +365,21 @@ def test_unsharded_steps_equal_fsdp_steps(workspace, tmp_path, grad_accum, dtype
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
 
 
-@pytest.mark.parametrize("first", ["none", "fsdp"])
-def test_unsharded_stop_and_resume_reproduce_the_run(workspace, tmp_path, first):
-    """Stopped at step 3 (under `first`) and resumed without FSDP: the same run, bit for bit, as an uninterrupted
-    one without FSDP, and the same final model file. A checkpoint written under FSDP2 resumes without it."""
-    config = DistillConfig(**SHORT_RUN, grad_accum=2, sharding="none")
+def _whole_and_resumed(workspace, tmp_path, config: DistillConfig, first: str):
+    """An uninterrupted run, and the same run stopped at step 3 under sharding `first` and resumed under config's."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     _fit(workspace, whole, config)
     assert not _fit(workspace, cut, replace(config, sharding=first, stop_at=3)).finished
     _fit(workspace, cut, config, resume=True)
+    return whole, cut
+
+
+@pytest.mark.parametrize("first", ["none", "fsdp"])
+def test_unsharded_stop_and_resume_reproduce_the_run(workspace, tmp_path, first):
+    """Stopped at step 3 (under `first`) and resumed without FSDP: the same run, bit for bit, as an uninterrupted
+    one without FSDP, and the same final model file. A checkpoint written under FSDP2 resumes without it."""
+    whole, cut = _whole_and_resumed(workspace, tmp_path, DistillConfig(**SHORT_RUN, grad_accum=2, sharding="none"),
+                                    first)
     assert len(_metrics(cut)) == 6 and _curve(cut) == _curve(whole)
     files = sorted(p.name for p in (whole / "final").iterdir())
     assert files == sorted(p.name for p in (cut / "final").iterdir()) and "model.safetensors" in files
@@ -516,3 +524,125 @@ def test_fused_head_gradients_equal_autograd_on_full_logits(temperature, kd_weig
     for got, ref in zip(fused, (hs.grad, ws.grad), strict=True):
         assert ref.abs().max() > 1e-3
         assert (got - ref).abs().max().item() < 1e-10
+
+
+# ------------------------------------------------------------------------------------------------ distill --mtp
+
+
+@pytest.mark.parametrize("alpha,chunk,padded", [(1.0, 1024, False), (0.3, 7, True)])
+def test_mtp_loss_is_the_distillation_loss_plus_the_weighted_depth_mean(pair, alpha, chunk, padded):
+    """With MTP heads the loss is KD/CE + mtp_weight · mean over depths of each depth's cross-entropy on the data
+    token k+1 ahead: checked in float64 against `mtp_depth_losses` (full logits, no chunking), with right padding
+    too. The student gets fresh heads with the asked depth count, and they receive gradients."""
+    import copy
+
+    from hybridize.model.mtp import mtp_depth_losses
+
+    teacher, _, hybrid = pair
+    teacher, student = copy.deepcopy(teacher).double(), copy.deepcopy(hybrid).double()
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, -7:] = 0
+        mask[2, -2:] = 0
+    plain = DistillationTrainer(teacher, student, DistillConfig(alpha=alpha, chunk_tokens=chunk))
+    without = plain.compute_loss(ids, ids, mask)["loss"].item()
+    assert student.mtp is None and "mtp_loss" not in plain.compute_loss(ids, ids, mask)
+    trainer = DistillationTrainer(teacher, student, DistillConfig(alpha=alpha, chunk_tokens=chunk, mtp_weight=0.7,
+                                                                  mtp_depths=3))
+    assert student.mtp is not None and student.config.num_predict_tokens == 3
+    out = trainer.compute_loss(ids, ids, mask)
+    with torch.no_grad():
+        hidden = student.model(ids, attention_mask=mask)[0]
+        labels = ids.masked_fill(mask == 0, -100)
+        depths = mtp_depth_losses(student.mtp, student.lm_head, hidden, student.model.embed_tokens(ids), labels,
+                                  mask.bool(), 3)
+    assert depths.min() > 1.0  # fresh heads: far from zero, so a missing or misweighted term shows
+    assert abs(out["mtp_loss"].item() - depths.mean().item()) < 1e-6  # the reference rounds its logits to float32
+    assert abs(out["loss"].item() - (without + 0.7 * depths.mean().item())) < 1e-6
+    out["loss"].backward()
+    assert student.mtp.fc.weight.grad.abs().sum() > 0 and student.mtp.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_cli_distill_mtp_trains_heads_and_exports_them(workspace, tmp_path):
+    """`distill --mtp` adds heads to a student without any, lowers their loss (logged as mtp_loss), and the final
+    model carries them: mtp.* tensors, mtp_num_hidden_layers 1, and lossless speculative decoding after loading."""
+    from safetensors.torch import load_file
+
+    from hybridize.model.modeling import HybridForCausalLM
+
+    run = tmp_path / "run"
+    result = _hybridize(*_distill_args(workspace, run, "--steps", 16, "--save-every", 0, "--mtp", "--mtp-depths", 2))
+    assert result.returncode == 0, result.stderr
+    metrics = _metrics(run)
+    first, last = (sum(m["mtp_loss"] for m in part) / 4 for part in (metrics[:4], metrics[-4:]))
+    print(f"distill --mtp: mtp_loss {first:.3f} -> {last:.3f}")
+    assert last < first - 0.35, (first, last)  # measured: 4.84 (fresh heads: uniform over 128 tokens) -> 4.30
+    for m in metrics:  # the logged loss is its parts
+        assert m["loss"] == pytest.approx(m["kd_loss"] + 0.3 * m["mtp_loss"], rel=1e-5)
+    tensors = load_file(run / "final" / "model.safetensors")
+    assert len([n for n in tensors if n.startswith("mtp.")]) == 15
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert config["mtp_num_hidden_layers"] == 1 and config["num_predict_tokens"] == 2
+    model = HybridForCausalLM.from_pretrained(run / "final").eval()
+    assert torch.equal(model.state_dict()["mtp.fc.weight"], tensors["mtp.fc.weight"])
+    prompt = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.mtp_decoder.generate(prompt, max_new_tokens=12), expected)
+
+
+MTP_RUN = dict(SHORT_RUN, mtp_weight=0.5, mtp_depths=2)
+
+
+def _mtp_curve(run: Path) -> list[list]:
+    return [row + [m["mtp_loss"]] for row, m in zip(_curve(run), _metrics(run), strict=True)]
+
+
+@pytest.mark.parametrize("first", ["none", "fsdp"])
+def test_mtp_stop_and_resume_reproduce_the_run(workspace, tmp_path, first):
+    """distill --mtp stopped at step 3 (under `first`: FSDP2 keeps the heads in its root unit) and resumed without
+    FSDP: every step's losses (mtp_loss included) and the final model, heads included, equal an uninterrupted run;
+    and the heads are trained (not the fresh ones again after the resume)."""
+    from safetensors.torch import load_file
+
+    whole, cut = _whole_and_resumed(workspace, tmp_path, DistillConfig(**MTP_RUN, grad_accum=2, sharding="none"),
+                                    first)
+    assert len(_metrics(cut)) == 6 and _mtp_curve(cut) == _mtp_curve(whole)
+    assert _mtp_curve(whole)[-1][-1] < _mtp_curve(whole)[0][-1]
+    assert (cut / "final" / "model.safetensors").read_bytes() == (whole / "final" / "model.safetensors").read_bytes()
+    assert any(n.startswith("mtp.") for n in load_file(whole / "final" / "model.safetensors"))
+
+
+def test_mtp_fsdp_steps_equal_unsharded_steps(workspace, tmp_path):
+    """With MTP heads too, FSDP2 (heads in the root unit) and plain modules train the same model in bf16."""
+    runs = {}
+    for sharding in ("fsdp", "none"):
+        _fit(workspace, tmp_path / sharding, DistillConfig(**MTP_RUN, grad_accum=2, dtype="bfloat16",
+                                                           sharding=sharding))
+        runs[sharding] = _metrics(tmp_path / sharding)
+    for a, b in zip(runs["fsdp"], runs["none"], strict=True):
+        for key in ("loss", "kd_loss", "mtp_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
+
+@pytest.mark.parametrize("case", ["negative", "zero", "depths", "switch"])
+def test_mtp_user_mistakes_are_one_line(workspace, tmp_path, capsys, case):
+    from hybridize.cli import main
+
+    out = tmp_path / "run"
+    args = [str(a) for a in _distill_args(workspace, out, "--steps", 1, "--save-every", 0)]
+    extra = {"negative": ["--mtp", "--mtp-weight", "-0.5"], "zero": ["--mtp", "--mtp-weight", "0"],
+             "depths": ["--mtp-depths", "2"], "switch": ["--mtp", "--resume"]}[case]
+    if case == "switch":
+        assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + extra) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    expected = {"negative": "mtp_weight must be >= 0 (0 trains no MTP heads), got -0.5",
+                "zero": "--mtp with --mtp-weight 0 trains no heads", "depths": "mtp_depths needs MTP training",
+                "switch": "--resume cannot change --mtp off -> on"}[case]
+    assert len(lines) == 1 and lines[0].startswith("hybridize: error: ") and expected in lines[0], lines
+    assert (out / "metrics.jsonl").exists() == (case == "switch")
+    with pytest.raises(HybridizeError, match="mtp_weight must be >= 0"):
+        DistillConfig(mtp_weight=-1.0)

@@ -395,6 +395,36 @@ def _add_training_flags(p, d, eval_tokens: bool = True) -> None:
     p.add_argument("--chunk-tokens", type=_positive_int, default=d.chunk_tokens,
                    help=f"positions per logits chunk of the loss (memory vs speed) [default: {d.chunk_tokens}]")
     p.add_argument("--seed", type=_int, default=d.seed, help=f"data order and init seed [default: {d.seed}]")
+    _add_mtp_flags(p)
+
+
+def _add_mtp_flags(p) -> None:
+    """--mtp, --mtp-weight, --mtp-depths (DistillConfig.mtp_weight / mtp_depths; `_resolve_mtp` reads them)."""
+    from .train.config import MTP_WEIGHT
+
+    g = p.add_argument_group("multi-token prediction (MTP heads for speculative decoding, trained jointly)")
+    g.add_argument("--mtp", action="store_true",
+                   help="train MTP heads together with the student: a student without heads gets fresh ones "
+                   "(Qwen3.5's mtp.* layout, as train-mtp adds them); depth k learns the data token k+1 steps ahead "
+                   "(cross-entropy), the loss adds mtp-weight * the mean over depths, and the final model carries "
+                   "the heads (HybridForCausalLM.mtp_decoder); the heads train whatever --train says")
+    g.add_argument("--mtp-weight", type=_float, default=None, metavar="W",
+                   help=f"weight of the MTP loss; > 0 turns --mtp on by itself, 0 = off [default: {MTP_WEIGHT} "
+                   "with --mtp, else 0]")
+    g.add_argument("--mtp-depths", type=_positive_int, default=None, metavar="K",
+                   help="tokens the heads predict beyond the next one (num_predict_tokens, at most 64; the number "
+                   "of drafts per verify step) [default: the student's, 4 for new heads]")
+
+
+def _resolve_mtp(args) -> None:
+    """Fold --mtp into args.mtp_weight (the DistillConfig field): --mtp alone gives the default weight, and a
+    weight > 0 alone turns MTP on (what `heal` passes to distill under torchrun: --mtp-weight only)."""
+    from .train.config import MTP_WEIGHT
+
+    if args.mtp and args.mtp_weight == 0:
+        raise HybridizeError("--mtp with --mtp-weight 0 trains no heads: drop --mtp-weight, or drop --mtp")
+    if args.mtp_weight is None:
+        args.mtp_weight = MTP_WEIGHT if args.mtp else 0.0
 
 
 def add_distill_parser(sub) -> None:
@@ -446,6 +476,7 @@ def cmd_distill(args) -> int:
     from .train.config import DistillConfig
     from .train.run import run_distill
 
+    _resolve_mtp(args)
     config = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
     summary = run_distill(args.teacher, args.student, args.data, args.out, config, eval_data=args.eval_data,
                           resume=args.resume, progress=not args.no_progress, override=args.override)
@@ -1021,6 +1052,7 @@ def cmd_heal(args) -> int:
         raise HybridizeError(f"{args.source} is already a hybrid (qwen3_5_text); heal converts an attention model "
                              "(Qwen3 / Llama family): continue a hybrid's healing with `hybridize distill`")
     attention = _attention_config(args, source_config.num_hidden_layers)
+    _resolve_mtp(args)
     transfer = CrossArchTransferConfig(source_model=args.source, hybrid_attention=attention,
                                        gate_init_strategy=args.gate_init, seed=args.seed, **_heal_calibration(args))
     distill = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig) if hasattr(args, f.name)

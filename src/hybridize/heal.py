@@ -114,8 +114,10 @@ def training_stages(job: HealJob) -> list[Stage]:
     if align is None:  # measured: after calibration, alignment undoes it (see HealConfig); from the no-op init, 5%
         align = 0 if job.transfer.calibrate_data else heal.tokens // 20
     if align:
+        # no MTP heads yet: alignment fits the DeltaNet layers alone; the heads join in the KD stage
         stages.append(Stage("align", replace(base, tokens=align, align_only=True, train="linear", lr=heal.align_lr,
-                                             min_lr=heal.align_lr / 10, warmup=min(base.warmup, _steps(align, base))),
+                                             min_lr=heal.align_lr / 10, warmup=min(base.warmup, _steps(align, base)),
+                                             mtp_weight=0.0, mtp_depths=None),
                             f"{align:,} tokens of per-layer alignment, DeltaNet layers only"))
     stages.append(Stage("kd", replace(base, tokens=heal.tokens), f"{heal.tokens:,} tokens of end-to-end KD"))
     if heal.long_context_tokens:

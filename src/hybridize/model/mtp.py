@@ -20,6 +20,7 @@ the cache back with `HybridCache.rollback`, which picks per-position DeltaNet ch
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import torch
@@ -67,24 +68,35 @@ def mtp_cache() -> HybridCache:
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def mtp_depth_losses(mtp: MultiTokenPredictor, lm_head: nn.Module, hidden: torch.Tensor, embeds: torch.Tensor,
-                     labels: torch.Tensor, attention_mask: torch.Tensor | None, depths: int) -> torch.Tensor:
-    """Cross-entropy of each depth k = 1..depths, shape (depths,): depth k at position i reads h^{k-1}_i and the
-    embedding of x_{i+k} (teacher forcing) and is scored on labels_{i+k+1} (−100 ignored; a depth with no target
-    scores 0). hidden (B, T, D) is the backbone's normed final hidden state."""
-    T = hidden.shape[1]
-    losses, h = [], hidden
+def mtp_depth_states(mtp: MultiTokenPredictor, hidden: torch.Tensor, embeds: torch.Tensor,
+                     attention_mask: torch.Tensor | None, depths: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(k, h^k) for k = 1..depths, teacher-forced: depth k at position i reads h^{k-1}_i and the embedding of
+    x_{i+k}, so h^k covers positions 0..T-k-1 (those whose input token exists) and predicts x_{i+k+1}. Stops at
+    the first depth with no position left. hidden (B, T, D): the backbone's normed final hidden state (h^0).
+
+    The one recursion both losses share: `mtp_depth_losses` (full logits) and the distillation objective's
+    chunked, fused cross-entropy (train/objective.py)."""
+    T, h = hidden.shape[1], hidden
     for k in range(1, depths + 1):
-        n = T - k  # positions whose input token x_{i+k} exists
+        n = T - k
         if n < 1:
-            losses.append(hidden.new_zeros((), dtype=torch.float32))
-            continue
+            return
         mask = None if attention_mask is None else attention_mask[:, :n]
         h = mtp(h[:, :n], embeds[:, k:], attention_mask=mask)
-        logits = lm_head(h[:, : n - 1]).float()  # (B, n-1, V): the last position has no target
+        yield k, h
+
+
+def mtp_depth_losses(mtp: MultiTokenPredictor, lm_head: nn.Module, hidden: torch.Tensor, embeds: torch.Tensor,
+                     labels: torch.Tensor, attention_mask: torch.Tensor | None, depths: int) -> torch.Tensor:
+    """Cross-entropy of each depth k = 1..depths, shape (depths,): depth k at position i (see `mtp_depth_states`)
+    is scored on labels_{i+k+1} (−100 ignored; a depth with no target scores 0). hidden (B, T, D) is the
+    backbone's normed final hidden state."""
+    losses = [hidden.new_zeros((), dtype=torch.float32) for _ in range(depths)]
+    for k, h in mtp_depth_states(mtp, hidden, embeds, attention_mask, depths):
+        logits = lm_head(h[:, :-1]).float()  # (B, n-1, V): the last position has no target
         target = labels[:, k + 1 :]
         total = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
-        losses.append(total / (target != -100).sum().clamp(min=1))
+        losses[k - 1] = total / (target != -100).sum().clamp(min=1)
     return torch.stack(losses)
 
 
@@ -293,4 +305,5 @@ class _Output:
         return out
 
 
-__all__ = ["MTPDecoder", "MultiTokenPredictor", "add_mtp_loss", "mtp_cache", "mtp_depth_losses", "mtp_loss_weights"]
+__all__ = ["MTPDecoder", "MultiTokenPredictor", "add_mtp_loss", "mtp_cache", "mtp_depth_losses", "mtp_depth_states",
+           "mtp_loss_weights"]

@@ -13,6 +13,7 @@ from ..transfer.config import CrossArchTransferConfig
 TRAINABLE = ("all", "mixers", "linear")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 SHARDINGS = ("auto", "fsdp", "none")
+MTP_WEIGHT = 0.3  # `--mtp`'s weight: DeepSeek-V3's λ for most of its pre-training (0.1 only for the last part)
 
 
 @dataclass
@@ -32,6 +33,9 @@ class DistillConfig:
     none for one process and fsdp for more. The default stays fsdp: "none" is tested on CPUs only, and its first
     H200 run (2026-12-02) did not finish its warm-up steps in 140 s where fsdp's did. It may change between
     invocations of a run (checkpoints load either way).
+    `mtp_weight` > 0 trains multi-token-prediction heads jointly (a student without heads gets fresh ones): the
+    loss adds mtp_weight · (mean over the depths of each depth's cross-entropy on the data tokens, see
+    objective.py); `mtp_depths` sets how many (num_predict_tokens; None keeps the student's).
     """
 
     seq_len: int = 2048
@@ -60,9 +64,11 @@ class DistillConfig:
     chunk_tokens: int = 1024
     seed: int = 0
     stop_at: int | None = None
+    mtp_weight: float = 0.0
+    mtp_depths: int | None = None
 
     def __post_init__(self):
-        floats = ("lr", "min_lr", "weight_decay", "clip", "temperature", "alpha", "align_weight")
+        floats = ("lr", "min_lr", "weight_decay", "clip", "temperature", "alpha", "align_weight", "mtp_weight")
         for name in floats:  # inf passes `lr > 0`, and an inf learning rate turns every weight into NaN
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -86,6 +92,10 @@ class DistillConfig:
             (self.keep >= 1, "keep must be >= 1"),
             (self.stop_at is None or self.stop_at >= 1, "stop_at must be >= 1"),
             (self.max_bad_steps >= 1 and self.chunk_tokens >= 1, "max_bad_steps and chunk_tokens must be >= 1"),
+            (self.mtp_weight >= 0, f"mtp_weight must be >= 0 (0 trains no MTP heads), got {self.mtp_weight}"),
+            (self.mtp_depths is None or (type(self.mtp_depths) is int and 1 <= self.mtp_depths <= 64),
+             f"mtp_depths must be an integer in [1, 64], got {self.mtp_depths!r}"),
+            (self.mtp_depths is None or self.mtp, "mtp_depths needs MTP training: give mtp_weight > 0 (--mtp)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -100,6 +110,11 @@ class DistillConfig:
     def aligns(self) -> bool:
         """Whether the per-layer hidden-state alignment is computed."""
         return self.align_only or self.align_weight > 0
+
+    @property
+    def mtp(self) -> bool:
+        """Whether MTP heads train jointly."""
+        return self.mtp_weight > 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -119,7 +134,7 @@ class DistillConfig:
 # Settings a resumed run keeps unless --override: they change the learning-rate schedule or the loss. The rest
 # (e.g. --stop-at, --save-every, --grad-accum, --grad-checkpointing, --sharding) may change between invocations.
 SCHEDULE_FIELDS = ("steps", "tokens", "lr", "min_lr", "warmup", "weight_decay", "clip", "temperature", "alpha",
-                   "align_weight", "align_only", "dtype")
+                   "align_weight", "align_only", "dtype", "mtp_weight", "mtp_depths")
 # Settings a resumed run can never change: the data windows and their order, and the parameters the optimizer
 # state belongs to.
 FIXED_FIELDS = ("seq_len", "batch_size", "seed", "train")
@@ -130,6 +145,16 @@ def schedule_changes(saved: dict, config: DistillConfig, fields: tuple[str, ...]
     now = config.to_dict()
     return [f"--{name.replace('_', '-')} {saved[name]} -> {now[name]}" for name in fields
             if name in saved and saved[name] != now[name]]
+
+
+def mtp_switch(saved: dict, config: DistillConfig) -> list[str]:
+    """`--mtp off -> on` (or on -> off) when a resume would add or drop the MTP heads: their parameters and
+    optimizer state are in the checkpoint or not, so this cannot change within a run (a new weight > 0 can)."""
+    weight = saved.get("mtp_weight", 0.0)
+    was = isinstance(weight, (int, float)) and weight > 0
+    if was == config.mtp:
+        return []
+    return [f"--mtp {'on' if was else 'off'} -> {'on' if config.mtp else 'off'}"]
 
 
 def as_distill_config(config: DistillConfig | CrossArchTransferConfig | None) -> DistillConfig:

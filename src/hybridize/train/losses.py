@@ -38,6 +38,17 @@ def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None
     return targets
 
 
+def depth_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None, k: int) -> torch.Tensor:
+    """(B, T-k-1) targets of MTP depth k (model/mtp.py): position i predicts labels[i + k + 1], the data token
+    k + 1 steps ahead. IGNORE_INDEX where position i or its target is padding (padding is contiguous on either
+    side, so the tokens in between are real too). Depth 0 would be `next_token_targets` without its last column."""
+    targets = labels[:, k + 1 :]
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        targets = targets.masked_fill(~real[:, : targets.shape[1]] | ~real[:, k + 1 :], IGNORE_INDEX)
+    return targets
+
+
 def _chunk_losses(student_h, teacher_h, student_w, teacher_w, targets, temperature: float,
                   eval_stats: bool = False) -> torch.Tensor:
     """[KD sum, CE sum] over one chunk of N positions (+ [teacher CE sum, argmax agreements] with `eval_stats`).

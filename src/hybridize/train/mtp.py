@@ -43,13 +43,18 @@ def self_distillation_labels(model: HybridForCausalLM, input_ids: torch.Tensor) 
 
 
 def add_mtp_heads(model: HybridForCausalLM, num_predict_tokens: int | None) -> None:
-    """Give a model without MTP heads fresh ones (random, as `_init_weights` makes them); set the depth count."""
+    """Give a model without MTP heads fresh ones (random, as `_init_weights` makes them) on the model's device and
+    in its dtype (a meta-device skeleton gets meta heads, filled by rank 0's broadcast); set the depth count.
+    Shared by `train-mtp` and `distill --mtp` (DistillationTrainer)."""
     if num_predict_tokens is not None:
         model.config.num_predict_tokens = num_predict_tokens
     if model.mtp is None:
         model.config.mtp_num_hidden_layers = 1
-        model.mtp = MultiTokenPredictor(model.config)
-        model.mtp.apply(model._init_weights)
+        weight = model.lm_head.weight
+        with torch.device(weight.device):
+            mtp = MultiTokenPredictor(model.config)
+        mtp.apply(model._init_weights)
+        model.mtp = mtp.to(weight.dtype)
     model.config.validate_mtp()
 
 

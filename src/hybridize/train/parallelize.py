@@ -188,9 +188,11 @@ def parallelize(objective: nn.Module, env: DistEnv, param_dtype: torch.dtype, gr
     """Lay out `objective` (student + frozen teacher) for training: activation checkpointing per block, then
     FSDP2 over the world, or plain modules in one process (`resolve_sharding` decides; see `Unsharded`).
 
-    FSDP2: one unit per decoder layer of student and teacher, and the root (embeddings, final norms, lm_heads) as
-    the objective itself. Compute in `param_dtype`, gradients reduced in float32; the student's master weights stay
-    in their stored dtype (float32 for training)."""
+    FSDP2: one unit per decoder layer of student and teacher, and the root (embeddings, final norms, lm_heads, and
+    the student's MTP module when it has one) as the objective itself. The MTP module (one decoder layer, run once
+    per depth inside the objective's forward) stays in the root unit: it is used while the root's parameters are
+    gathered anyway, and a unit of its own would be gathered and freed once per depth. Compute in `param_dtype`,
+    gradients reduced in float32; the student's master weights stay in their stored dtype (float32 for training)."""
     if grad_checkpointing:  # transformers' per-layer checkpointing, renamed after 5.17
         student, kwargs = objective.student, {"use_reentrant": False}
         if hasattr(student, "activation_checkpointing_enable"):

@@ -51,7 +51,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         r["tokens"] = r["step"] * metrics[0]["tokens"] // max(1, metrics[0]["step"])
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     panels = [
-        (axes[0, 0], metrics, ["loss", "kd_loss", "task_loss", "align_loss"], "training loss", True),
+        (axes[0, 0], metrics, ["loss", "kd_loss", "task_loss", "align_loss", "mtp_loss"], "training loss", True),
         (axes[0, 1], evals, ["kl", "loss"], "eval (KL to teacher, student CE)", True),
         (axes[1, 0], metrics, ["grad_norm"], "gradient norm", True),
         (axes[1, 1], metrics, ["tok_per_s"], "tokens / s", False),

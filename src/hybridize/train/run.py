@@ -121,8 +121,9 @@ def run_distill(teacher: str, student: str, data: list[str], out: str, config: D
         else:
             model = _skeleton_student(student_dir)
             teacher_model = skeleton_language_model(teacher, teacher_dtype)
-        trainable = select_trainable(model, config.train)
-        trainer = DistillationTrainer(teacher_model, model, config)
+        select_trainable(model, config.train)
+        trainer = DistillationTrainer(teacher_model, model, config)  # with --mtp: adds (and unfreezes) the heads
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tokenizer = tokenizer_for([*data, *(eval_data or [])], student_dir, teacher)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@
     every step: one JSON line in RUN_DIR/metrics.jsonl; every eval_every steps: one in RUN_DIR/eval.jsonl
 
 Losses are averaged over every target token of the global batch (all micro-batches of all ranks), so the same
-global batch trains the same model on 1 or N processes. A step whose loss or gradient norm is not finite is
+global batch trains the same model on 1 or N processes; with MTP heads (config.mtp_weight > 0) each depth's loss is
+averaged over that depth's target tokens the same way. A step whose loss or gradient norm is not finite is
 skipped and logged; after `max_bad_steps` such steps the run stops.
 """
 
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,10 +39,11 @@ from .checkpoint import (
     remove_unfinished,
     save_checkpoint,
 )
-from .config import FIXED_FIELDS, DistillConfig, as_distill_config, schedule_changes
+from .config import FIXED_FIELDS, DistillConfig, as_distill_config, mtp_switch, schedule_changes
 from .evaluate import evaluate
-from .losses import IGNORE_INDEX, next_token_targets
+from .losses import IGNORE_INDEX, depth_targets, next_token_targets
 from .models import check_pair
+from .mtp import add_mtp_heads
 from .objective import DistillationObjective
 from .parallelize import DistEnv, Parallelized, broadcast_from_rank0, full_states, init_distributed, parallelize
 
@@ -64,6 +67,12 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+
+
+def _mtp_mean(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The MTP loss: the mean over depths of each depth's cross-entropy per target token (DeepSeek-V3's
+    L_MTP = (1/D)·Σ_k L_k), from (depths,) sums and counts."""
+    return (sums / counts.to(sums.dtype).clamp(min=1)).mean()
 
 
 def _full_value(t: torch.Tensor) -> float:
@@ -122,7 +131,7 @@ def check_run_dir(run_dir: Path, resume: bool, config: DistillConfig | None = No
         return None
     if config is not None:
         saved = read_trainer_state(checkpoint)["config"]
-        fixed = schedule_changes(saved, config, FIXED_FIELDS)
+        fixed = schedule_changes(saved, config, FIXED_FIELDS) + mtp_switch(saved, config)
         if fixed:
             raise HybridizeError(f"--resume cannot change {'; '.join(fixed)} (the data order and the optimizer state "
                                  f"depend on them); pass the values the run was started with")
@@ -166,6 +175,17 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+def _add_seeded_heads(student: nn.Module, config: DistillConfig) -> None:
+    """`add_mtp_heads`, drawing fresh heads from config.seed alone (the same heads for the same seed whatever ran
+    before, and the global RNG is left as it was), and make them trainable whatever config.train froze: they are
+    in the loss."""
+    device = student.lm_head.weight.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        add_mtp_heads(student, config.mtp_depths)
+    student.mtp.requires_grad_(True)
+
+
 class DistillationTrainer:
     """Heals a hybrid `student` toward its `teacher` by knowledge distillation.
 
@@ -175,6 +195,11 @@ class DistillationTrainer:
     `compute_loss` works on plain modules (tests, notebooks); `fit` lays both models out for training
     (`parallelize`: FSDP2 over the processes torchrun started, plain modules in one process unless
     config.sharding says "fsdp") and runs the resumable loop.
+
+    With config.mtp_weight > 0 the student gets MTP heads if it has none (`add_mtp_heads`, as train-mtp does,
+    seeded by config.seed), with config.mtp_depths depths when given, and they train whatever config.train says
+    (they are in the loss); construct the trainer before anything else reads the student's parameters
+    (a trainable-parameter count, an optimizer).
     """
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module,
@@ -184,11 +209,13 @@ class DistillationTrainer:
             check_pair(teacher, student, self.config.aligns)
         elif self.config.alpha > 0 or self.config.aligns:
             raise HybridizeError("without a teacher only cross-entropy can train: set alpha 0 and no alignment")
+        if self.config.mtp:
+            _add_seeded_heads(student, self.config)
         self.student, self.teacher = student, teacher
         kd_weight, ce_weight = self._head_weights()
         self.objective = DistillationObjective(student, teacher, self.config.temperature,
                                                align=self.config.aligns, chunk_tokens=self.config.chunk_tokens,
-                                               kd_weight=kd_weight, ce_weight=ce_weight)
+                                               kd_weight=kd_weight, ce_weight=ce_weight, mtp=self.config.mtp)
         self.env: DistEnv | None = None
         self.parallel: Parallelized | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -216,18 +243,22 @@ class DistillationTrainer:
 
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
                      attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """loss = α·KD + (1−α)·CE (+ w·alignment), each a mean over this batch's target tokens.
+        """loss = α·KD + (1−α)·CE (+ w·alignment) (+ mtp_weight·MTP), each a mean over this batch's target tokens
+        (MTP: the mean over depths of each depth's mean).
 
         Labels are aligned with the inputs (shifted inside); −100 and padded positions are ignored. Only `loss`
-        carries gradients; `kd_loss`, `task_loss` (and `align_loss`) are its parts, as values.
+        carries gradients; `kd_loss`, `task_loss` (and `align_loss`, `mtp_loss`) are its parts, as values.
         """
         sums = self.objective(input_ids, labels, attention_mask)
         n = sums["count"].clamp(min=1)
         kd, ce = sums["kd_sum"].detach() / n, sums["ce_sum"].detach() / n
-        align = sums["align_sum"] / n if "align_sum" in sums else kd.new_zeros(())
         out = {"loss": self._loss_sum(sums) / n, "kd_loss": kd, "task_loss": ce}
         if "align_sum" in sums:
-            out["align_loss"] = align.detach()
+            out["align_loss"] = (sums["align_sum"] / n).detach()
+        if "mtp_sums" in sums:
+            mtp = _mtp_mean(sums["mtp_sums"], sums["mtp_counts"])
+            out["loss"] = out["loss"] + self.config.mtp_weight * mtp
+            out["mtp_loss"] = mtp.detach()
         return out
 
     # ------------------------------------------------------------------------------------------ setup
@@ -250,30 +281,41 @@ class DistillationTrainer:
         return env
 
     # ------------------------------------------------------------------------------------------ one step
-    def _global_count(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
-        local = sum(int((next_token_targets(mb) != IGNORE_INDEX).sum()) for mb in micro_batches)
-        count = torch.tensor(float(local), device=self.env.device)
-        dist.all_reduce(count)
-        return count
+    def _global_counts(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """Target tokens of the global batch: [next-token targets, then each MTP depth's when its heads train]."""
+        depths = self.student.config.num_predict_tokens if self.config.mtp else 0
+        kinds = [next_token_targets] + [partial(depth_targets, attention_mask=None, k=k) for k in range(1, depths + 1)]
+        local = [sum(int((targets(mb) != IGNORE_INDEX).sum()) for mb in micro_batches) for targets in kinds]
+        counts = torch.tensor(local, dtype=torch.float32, device=self.env.device)
+        dist.all_reduce(counts)
+        return counts
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict:
         """Forward/backward over this rank's micro-batches and one optimizer step; returns the step's metrics."""
         env, cfg = self.env, self.config
         self.objective.train()
-        count = self._global_count(micro_batches)
-        sums = torch.zeros(3, device=env.device)  # kd, ce, align over this rank's tokens
+        counts = self._global_counts(micro_batches)
+        count, mtp_counts = counts[0], counts[1:]
+        sums = torch.zeros(3 + len(mtp_counts), device=env.device)  # kd, ce, align, MTP depths over this rank's tokens
         with self.parallel.compute_weights():  # float32 gradients on the master weights after it
             for i, mb in enumerate(micro_batches):
                 mb = mb.to(env.device, non_blocking=True)
                 with self.parallel.micro_step(last=i == len(micro_batches) - 1):  # gradients reduced once per step
                     out = self.objective(mb, mb)
                     align = out.get("align_sum", out["kd_sum"].new_zeros(()))
+                    mtp = out.get("mtp_sums", out["kd_sum"].new_zeros((0,)))
                     # FSDP averages gradients over ranks; × world_size turns that into a sum over the global batch
-                    (self._loss_sum(out) * (env.world_size / count)).backward()
-                sums += torch.stack([out["kd_sum"], out["ce_sum"], align]).detach().float()
+                    rank_loss = self._loss_sum(out) * (env.world_size / count)
+                    if self.config.mtp:
+                        rank_loss = rank_loss + self.config.mtp_weight * _mtp_mean(mtp * env.world_size, mtp_counts)
+                    rank_loss.backward()
+                sums += torch.cat([torch.stack([out["kd_sum"], out["ce_sum"], align]), mtp]).detach().float()
         dist.all_reduce(sums)
-        kd, ce, align = (sums / count).tolist()
+        kd, ce, align = (sums[:3] / count).tolist()
         loss = self._combine(kd, ce, align)
+        if self.config.mtp:
+            mtp_loss = float(_mtp_mean(sums[3:], mtp_counts))
+            loss += self.config.mtp_weight * mtp_loss
         params = [p for p in self.student.parameters() if p.requires_grad]
         grad_norm = _full_value(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
         lr = self.scheduler.get_last_lr()[0]
@@ -287,6 +329,8 @@ class DistillationTrainer:
         record = {"loss": loss, "kd_loss": kd, "task_loss": ce, "lr": lr, "grad_norm": grad_norm}
         if self.objective.align:
             record["align_loss"] = align
+        if self.config.mtp:
+            record["mtp_loss"] = mtp_loss
         if not ok:
             record = {k: (v if math.isfinite(v) else None) for k, v in record.items()}
             record["skipped"] = "non-finite loss or gradient"
@@ -353,7 +397,8 @@ class DistillationTrainer:
             _append_json(run_dir / METRICS_FILE, record)
         bar.update(1)
         if "skipped" not in record:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", kd=f"{record['kd_loss']:.4f}",
+            mtp = {"mtp": f"{record['mtp_loss']:.4f}"} if "mtp_loss" in record else {}
+            bar.set_postfix(loss=f"{record['loss']:.4f}", kd=f"{record['kd_loss']:.4f}", **mtp,
                             tok_s=f"{record['tok_per_s']:,.0f}")
             return 0
         bad_steps += 1
