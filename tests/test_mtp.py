@@ -389,35 +389,109 @@ def test_sampled_outputs_follow_the_model_distribution():
 # ------------------------------------------------------------------------------------------------ train-mtp
 
 
-def test_train_mtp_cli_trains_heads_only(tmp_path, capsys):
-    """`hybridize train-mtp` adds heads to a converted hybrid, lowers every depth's self-distillation loss and
-    leaves the backbone bit for bit; an existing --out is a one-line error."""
+@pytest.fixture(scope="module")
+def mtp_student(tmp_path_factory):
+    """(a converted tiny hybrid without heads, a small JSONL corpus) for the train-mtp tests."""
     import random
 
     from conftest import build_tiny_source
 
     from hybridize.cli import main
 
-    build_tiny_source(tmp_path / "teacher", family="qwen3")
-    assert main(["convert", str(tmp_path / "teacher"), str(tmp_path / "student")]) == 0
+    root = tmp_path_factory.mktemp("train_mtp")
+    build_tiny_source(root / "teacher", family="qwen3")
+    assert main(["convert", str(root / "teacher"), str(root / "student")]) == 0
     rng = random.Random(0)
-    with open(tmp_path / "train.jsonl", "w") as f:
+    with open(root / "train.jsonl", "w") as f:
         for _ in range(100):
             f.write(json.dumps({"text": " ".join(f"w{rng.randint(0, 30)}" for _ in range(40))}) + "\n")
+    return root / "student", root / "train.jsonl"
+
+
+def _train_mtp_args(mtp_student, out, steps: int, *extra: str) -> list[str]:
+    student, data = mtp_student
+    return ["train-mtp", str(student), "--data", str(data), "--out", str(out), "--steps", str(steps), "--seq-len",
+            "32", "--batch-size", "4", "--lr", "3e-3", "--num-predict-tokens", "2", "--no-progress", *extra]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_train_mtp_cli_trains_heads_only(mtp_student, tmp_path, capsys):
+    """`hybridize train-mtp` adds heads to a converted hybrid, lowers every depth's self-distillation loss and
+    leaves the backbone bit for bit; an existing --out is a one-line error."""
+    from hybridize.cli import main
+
     capsys.readouterr()
-    args = ["train-mtp", str(tmp_path / "student"), "--data", str(tmp_path / "train.jsonl"), "--out",
-            str(tmp_path / "out"), "--steps", "40", "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3",
-            "--num-predict-tokens", "2", "--no-progress"]
+    args = _train_mtp_args(mtp_student, tmp_path / "out", 40)
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     first, last = summary["first_losses"], summary["last_losses"]
     print(f"train-mtp depth losses: {first} -> {last}")
     assert len(last) == 2 and all(b < 0.9 * a for a, b in zip(first, last, strict=True))  # measured: 0.81
-    before = load_file(tmp_path / "student" / "model.safetensors")
+    before = load_file(mtp_student[0] / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert {n for n in after if n.startswith("mtp.")} and json.loads(
         (tmp_path / "out" / "config.json").read_text())["mtp_num_hidden_layers"] == 1
+    assert not (tmp_path / "out.partial").exists()  # the work folder is gone once OUT is in place
     assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "already exists" in err[0]
+    assert "already exists" in _one_line_error(capsys)
+
+
+def test_train_mtp_stopped_and_resumed_equals_uninterrupted(mtp_student, tmp_path, monkeypatch):
+    """A run stopped at step 7 (checkpoints at 5 and 7, only the latest kept) and resumed gives the same per-step
+    losses and the same trained heads as one uninterrupted run; the work folder is removed at the end."""
+    from hybridize.cli import main
+    from hybridize.train import mtp as mtp_module
+
+    histories = []
+    real = mtp_module.train_mtp
+
+    def recording(*args, **kwargs):
+        histories.append(copy.deepcopy(real(*args, **kwargs)))
+        return histories[-1]
+
+    monkeypatch.setattr(mtp_module, "train_mtp", recording)
+    assert main(_train_mtp_args(mtp_student, tmp_path / "straight", 12, "--save-every", "5")) == 0
+    out = tmp_path / "resumed"
+    assert main(_train_mtp_args(mtp_student, out, 12, "--save-every", "5", "--stop-at", "7")) == 0
+    assert not out.exists()
+    assert [p.name for p in (tmp_path / "resumed.partial" / "checkpoints").iterdir()] == ["step_7"]
+    assert main(_train_mtp_args(mtp_student, out, 12, "--save-every", "5", "--resume")) == 0
+    straight, stopped, resumed = histories
+    assert len(straight) == len(resumed) == 12 and len(stopped) == 7
+    for a, b in zip(straight, stopped + resumed[7:], strict=True):
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-6
+    assert straight[7] != straight[6]  # the steps after the resume are computed, not repeated
+    want, got = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    heads = [n for n in want if n.startswith("mtp.")]
+    assert heads and set(want) == set(got)
+    assert all(torch.allclose(want[n], got[n], rtol=0, atol=1e-6) for n in heads)
+    assert not (tmp_path / "resumed.partial").exists()
+
+
+def test_train_mtp_resume_misuse_is_a_one_line_error(mtp_student, tmp_path, capsys):
+    """An existing work folder without --resume, a --resume with other settings and a --resume with nothing to
+    resume are one-line errors; --force starts over."""
+    from hybridize.cli import main
+
+    out = tmp_path / "out"
+    assert main(_train_mtp_args(mtp_student, out, 6, "--resume")) == 2
+    assert "nothing to resume" in _one_line_error(capsys)
+    assert main(_train_mtp_args(mtp_student, out, 6, "--stop-at", "2")) == 0
+    capsys.readouterr()
+    assert main(_train_mtp_args(mtp_student, out, 6)) == 2
+    line = _one_line_error(capsys)
+    assert "out.partial" in line and "--resume" in line and "--force" in line
+    assert main(_train_mtp_args(mtp_student, out, 6, "--resume", "--lr", "1e-3")) == 2
+    line = _one_line_error(capsys)
+    assert "--resume with settings" in line and "lr 0.003 -> 0.001" in line
+    assert main(_train_mtp_args(mtp_student, out, 8, "--resume")) == 2
+    assert "steps 6 -> 8" in _one_line_error(capsys)
+    assert (out.parent / "out.partial" / "checkpoints" / "step_2").is_dir()  # refusals leave the run as it was
+    assert main(_train_mtp_args(mtp_student, out, 3, "--force")) == 0
+    assert (out / "model.safetensors").is_file() and not (out.parent / "out.partial").exists()

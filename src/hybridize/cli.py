@@ -9,6 +9,7 @@
     hybridize eval MODEL --data PATH [--teacher SOURCE] [--seq-len N] [--max-tokens N]
     hybridize eval MODEL --task passkey|niah [--teacher SOURCE] [--lengths 1k,2k,4k,8k] [--depths 0,50,100] [...]
     hybridize train-mtp MODEL --data PATH [PATH ...] --out OUT [--steps N] [--batch-size N] [--seq-len N] [--lr X]
+                        [--save-every N] [--stop-at STEP] [--resume]
     hybridize plot RUN_DIR | EVAL.json
     hybridize heal SOURCE OUT --data PATH [PATH ...] [--tokens 50M] [--eval-data PATH ...] [--resume]
     hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|proxy]
@@ -704,7 +705,10 @@ def add_train_mtp_parser(sub) -> None:
         help="train a hybrid's MTP heads (speculative decoding) alone, backbone frozen, on its own predictions",
         description="Load MODEL (a hybridize folder; heads are added when it has none), train its `mtp.*` heads on "
         "--data with the backbone frozen: depth k learns the backbone's own argmax k tokens further "
-        "(self-distillation), and write the whole model to --out. Not resumable: runs are short.",
+        "(self-distillation), and write the whole model to --out. While it trains, checkpoints (the heads, AdamW, "
+        "the data position, the RNG; the frozen backbone comes from MODEL) go to the work folder OUT.partial beside "
+        "OUT every --save-every steps; --resume continues from the latest one exactly, with the same settings. "
+        "OUT.partial is removed once OUT is written.",
     )
     p.add_argument("model", metavar="MODEL", help="a hybridize model folder")
     p.add_argument("--data", required=True, nargs="+", metavar="PATH", help="text in any format `distill` reads")
@@ -718,7 +722,17 @@ def add_train_mtp_parser(sub) -> None:
     p.add_argument("--lr", type=_float, default=d.lr, help=f"peak learning rate of the heads [default: {d.lr}]")
     p.add_argument("--num-predict-tokens", type=_positive_int, default=None,
                    help="MTP depths (tokens t+2 ..) [default: the model's, 4 for new heads]")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--save-every", type=_nonnegative_int, default=d.save_every, metavar="N",
+                   help=f"write a checkpoint to OUT.partial every N steps (0: only at --stop-at) "
+                   f"[default: {d.save_every}]")
+    p.add_argument("--stop-at", type=_positive_int, metavar="STEP",
+                   help="end this invocation after STEP with a checkpoint, writing no OUT (for time-limited jobs; "
+                   "--resume continues) [default: run to the end]")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT.partial from its latest checkpoint (from step 0 when it has none); "
+                   "the model, data and training flags must be the ones the run started with")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it exists; without --resume, also discard an existing OUT.partial")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_train_mtp)
 
@@ -727,9 +741,10 @@ def cmd_train_mtp(args) -> int:
     from .train.mtp import TrainMTPConfig, run_train_mtp
 
     config = TrainMTPConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                            num_predict_tokens=args.num_predict_tokens)
+                            num_predict_tokens=args.num_predict_tokens, save_every=args.save_every,
+                            stop_at=args.stop_at)
     summary = run_train_mtp(args.model, args.data, args.out, config, force=args.force,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
 

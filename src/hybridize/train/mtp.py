@@ -3,24 +3,41 @@
 Retrofitted heads get their acceptance from self-distillation: what speculative decoding accepts is the
 backbone's own next token, not the corpus's, so depth k at position i is trained on the backbone's argmax at
 position i+k (teacher-forced on the corpus tokens). The backbone runs once per batch under no_grad; only `mtp.*`
-has gradients. A model without heads gets fresh ones (mtp_num_hidden_layers = 1). Not resumable (yet): a run is
-short next to `distill`, and is repeated from the start.
+has gradients. A model without heads gets fresh ones (mtp_num_hidden_layers = 1).
+
+Resumable: while it trains, the run lives in the work folder `OUT.partial/` beside OUT: `settings.json` (the
+settings a resume must repeat) and `checkpoints/step_N/` every `save_every` steps and at `stop_at`, each holding
+`mtp.safetensors` (the heads only: the backbone is frozen and comes from MODEL), `optimizer.pt` (AdamW's state
+and the RNG state: tensors and plain values only, loaded with weights_only=True) and `trainer_state.json` (step,
+per-step losses, data position). A checkpoint is written as `step_N.tmp` and renamed when complete; older ones
+are then deleted. `resume=True` continues from the latest one exactly (same losses, same heads as an uninterrupted
+run); the work folder is removed once OUT is in place.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..errors import HybridizeError
 from ..model.modeling import HybridForCausalLM
 from ..model.mtp import MultiTokenPredictor, mtp_depth_losses
 from ..output import TOKENIZER_FILES, atomic_output_folder, check_not_an_input, copy_side_files
+from .checkpoint import PREFIX, STATE_FILE, checkpoint_root, complete_checkpoints, remove_unfinished
 from .data import PackedBatches, load_or_build_tokens
 from .models import load_tokenizer
+
+WORK_SUFFIX = ".partial"  # OUT.partial/: the run's checkpoints until OUT is written
+SETTINGS_FILE = "settings.json"
+HEADS_FILE = "mtp.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
 
 
 @dataclass
@@ -31,6 +48,18 @@ class TrainMTPConfig:
     lr: float = 1e-3
     num_predict_tokens: int | None = None  # None: keep the model's
     seed: int = 0
+    save_every: int = 100  # checkpoint every N steps (0: none until the end; `stop_at` always saves)
+    stop_at: int | None = None  # end this invocation after this step with a checkpoint; resume continues
+
+    def __post_init__(self):
+        if self.save_every < 0:
+            raise HybridizeError(f"save_every must be >= 0, got {self.save_every}")
+        if self.stop_at is not None and self.stop_at < 1:
+            raise HybridizeError(f"stop_at must be >= 1, got {self.stop_at}")
+
+    def settings(self) -> dict:
+        """What a resume must repeat: everything but when this invocation stops or saves."""
+        return {k: v for k, v in asdict(self).items() if k not in ("save_every", "stop_at")}
 
 
 def self_distillation_labels(model: HybridForCausalLM, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,15 +87,28 @@ def add_mtp_heads(model: HybridForCausalLM, num_predict_tokens: int | None) -> N
     model.config.validate_mtp()
 
 
-def train_mtp(model: HybridForCausalLM, batches: PackedBatches, config: TrainMTPConfig,
-              progress: bool = False) -> list[list[float]]:
-    """Train `model.mtp` in place, backbone frozen; returns each step's per-depth losses."""
+def mtp_optimizer(model: HybridForCausalLM, config: TrainMTPConfig) -> torch.optim.AdamW:
+    """Freeze everything but `mtp.*`; AdamW over the heads."""
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("mtp."))
-    opt = torch.optim.AdamW(model.mtp.parameters(), lr=config.lr, weight_decay=0.0)
+    return torch.optim.AdamW(model.mtp.parameters(), lr=config.lr, weight_decay=0.0)
+
+
+SaveFn = Callable[[int, torch.optim.Optimizer, list[list[float]]], None]
+
+
+def train_mtp(model: HybridForCausalLM, batches: PackedBatches, config: TrainMTPConfig, progress: bool = False,
+              optimizer: torch.optim.Optimizer | None = None, history: list[list[float]] | None = None,
+              save: SaveFn | None = None) -> list[list[float]]:
+    """Train `model.mtp` in place, backbone frozen; returns each step's per-depth losses.
+
+    A resume passes the restored `optimizer` and `history` (training continues at step len(history)); `save(step,
+    optimizer, history)` is called every `config.save_every` steps and at `config.stop_at`, where training ends."""
+    opt = optimizer if optimizer is not None else mtp_optimizer(model, config)
+    history = [] if history is None else history
+    end = config.steps if config.stop_at is None else min(config.steps, config.stop_at)
     model.train()
-    history = []
-    for step in range(config.steps):
+    for step in range(len(history), end):
         ids = torch.cat(batches.next_step()).long()
         hidden, labels = self_distillation_labels(model, ids)
         losses = mtp_depth_losses(model.mtp, model.lm_head, hidden, model.model.embed_tokens(ids), labels, None,
@@ -78,20 +120,120 @@ def train_mtp(model: HybridForCausalLM, batches: PackedBatches, config: TrainMTP
         if progress and (step % 10 == 0 or step == config.steps - 1):
             print(f"step {step + 1}/{config.steps}: " + " ".join(f"L{k + 1} {v:.3f}" for k, v in
                                                                 enumerate(history[-1])), flush=True)
+        done = step + 1
+        if save is not None and done < config.steps and (
+                done == config.stop_at or (config.save_every and done % config.save_every == 0)):
+            save(done, opt, history)
     model.eval()
     return history
 
 
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def work_folder(out: Path) -> Path:
+    return out.parent / f"{out.name}{WORK_SUFFIX}"
+
+
+def save_mtp_checkpoint(work: Path, step: int, model: HybridForCausalLM, optimizer: torch.optim.Optimizer,
+                        history: list[list[float]], batches: PackedBatches) -> Path:
+    """Write `work/checkpoints/step_N` atomically (a `.tmp` folder renamed when complete), then drop older ones."""
+    root = checkpoint_root(work)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step}"
+    tmp = root / f"{PREFIX}{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    heads = {n: p.detach().contiguous() for n, p in model.state_dict().items() if n.startswith("mtp.")}
+    save_file(heads, tmp / HEADS_FILE)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / OPTIMIZER_FILE)
+    state = {"step": step, "history": history, "data": batches.state_dict(),
+             "num_predict_tokens": model.config.num_predict_tokens}
+    (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in complete_checkpoints(work):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_mtp_checkpoint(path: Path, model: HybridForCausalLM, optimizer: torch.optim.Optimizer,
+                        batches: PackedBatches) -> list[list[float]]:
+    """Restore the heads, AdamW, the RNG and the data position from `path`; returns the loss history."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        heads = load_file(path / HEADS_FILE)
+        saved = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (a damaged checkpoint is a one-line error)
+        raise HybridizeError(f"cannot read the checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    mine = {n for n in model.state_dict() if n.startswith("mtp.")}
+    if set(heads) != mine:
+        raise HybridizeError(f"the checkpoint {path} holds other MTP tensors than the model's heads; "
+                             f"pass --force to start over")
+    model.load_state_dict(heads, strict=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    batches.load_state_dict(state["data"])
+    history = state["history"]
+    if len(history) != state["step"]:
+        raise HybridizeError(f"the checkpoint {path} is inconsistent: step {state['step']} with "
+                             f"{len(history)} losses; pass --force to start over")
+    return history
+
+
+def open_work_folder(work: Path, settings: dict, resume: bool, force: bool) -> Path | None:
+    """Prepare `work` for this run; returns the checkpoint to resume from (None: start at step 0)."""
+    if work.exists() and not resume:
+        if not force:
+            raise HybridizeError(f"{work} holds an unfinished train-mtp run: pass --resume to continue it, or "
+                                 f"--force to start over")
+        shutil.rmtree(work)
+    if resume and not work.is_dir():
+        raise HybridizeError(f"nothing to resume: {work} does not exist; drop --resume to start a run")
+    if not work.exists():
+        return None  # created by `start_work_folder` once the model and the data have loaded
+    try:
+        saved = json.loads((work / SETTINGS_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise HybridizeError(f"{work} has no readable {SETTINGS_FILE}; pass --force to start over") from e
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+    changed += [f"{k} {saved[k]!r} -> (none)" for k in saved if k not in settings]
+    if changed:
+        raise HybridizeError(f"--resume with settings other than the run's: {'; '.join(changed)}; pass the values "
+                             f"the run was started with, or --force to start over")
+    remove_unfinished(work)
+    found = complete_checkpoints(work)
+    return found[-1] if found else None
+
+
+def start_work_folder(work: Path, settings: dict) -> None:
+    if not work.exists():
+        work.mkdir()
+        (work / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def run_train_mtp(model_dir: str | Path, data: list[str], out: str | Path, config: TrainMTPConfig,
-                  force: bool = False, progress: bool = True) -> dict:
-    """Load MODEL, train its MTP heads on `data`, write the whole model (heads included) to `out`."""
+                  force: bool = False, progress: bool = True, resume: bool = False) -> dict:
+    """Load MODEL, train its MTP heads on `data`, write the whole model (heads included) to `out`.
+
+    Checkpoints go to `OUT.partial/` (see the module docstring); `resume` continues from the latest one, `force`
+    replaces an existing OUT and (without `resume`) discards an existing work folder. With `config.stop_at` before
+    the end, nothing is written to `out` and the summary says `"stopped": true`."""
     start = time.perf_counter()
     model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser().absolute()
+    work = work_folder(out)
     check_not_an_input(out, [model_dir, *data], what="--out")
+    check_not_an_input(work, [model_dir, *data], what="the work folder")
     if out.exists() and not force:
         raise HybridizeError(f"{out} already exists; pass --force to replace it")
     if not (model_dir / "config.json").is_file():
         raise HybridizeError(f"{model_dir} is not a model folder: no config.json")
+    if not out.parent.is_dir():
+        raise HybridizeError(f"the parent folder of {out} does not exist")
+    settings = {"model": str(model_dir.absolute()), "data": [str(Path(d).expanduser().absolute()) for d in data],
+                **config.settings()}
+    checkpoint = open_work_folder(work, settings, resume, force)
     torch.manual_seed(config.seed)
     model = HybridForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     add_mtp_heads(model, config.num_predict_tokens)
@@ -99,12 +241,29 @@ def run_train_mtp(model_dir: str | Path, data: list[str], out: str | Path, confi
     tokens = load_or_build_tokens(data, tokenizer, model.config.eos_token_id, None, progress=progress,
                                   vocab_size=model.config.vocab_size)
     batches = PackedBatches(tokens, config.seq_len, config.batch_size, seed=config.seed)
-    history = train_mtp(model, batches, config, progress)
+    start_work_folder(work, settings)
+    optimizer = mtp_optimizer(model, config)
+    history = None
+    if checkpoint is not None:
+        history = load_mtp_checkpoint(checkpoint, model, optimizer, batches)
+        if progress:
+            print(f"resuming from step {len(history)} ({checkpoint})", flush=True)
+
+    def save(step: int, opt: torch.optim.Optimizer, hist: list[list[float]]) -> None:
+        save_mtp_checkpoint(work, step, model, opt, hist, batches)
+
+    history = train_mtp(model, batches, config, progress, optimizer=optimizer, history=history, save=save)
+    summary = {"output": str(out), "seconds": round(time.perf_counter() - start, 2), "steps": len(history),
+               "first_losses": [round(v, 4) for v in history[0]] if history else [],
+               "last_losses": [round(v, 4) for v in history[-1]] if history else []}
+    if len(history) < config.steps:  # stopped at config.stop_at: the checkpoint holds the run
+        return {**summary, "stopped": True, "work_folder": str(work)}
     with atomic_output_folder(out, force, inputs=[model_dir]) as tmp:
         model.save_pretrained(tmp)
         copy_side_files((model_dir / f for f in TOKENIZER_FILES), tmp, model.config)
-    return {"output": str(out), "seconds": round(time.perf_counter() - start, 2), "steps": config.steps,
-            "first_losses": [round(v, 4) for v in history[0]], "last_losses": [round(v, 4) for v in history[-1]]}
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
 
 
-__all__ = ["TrainMTPConfig", "add_mtp_heads", "run_train_mtp", "self_distillation_labels", "train_mtp"]
+__all__ = ["TrainMTPConfig", "add_mtp_heads", "load_mtp_checkpoint", "run_train_mtp", "save_mtp_checkpoint",
+           "self_distillation_labels", "train_mtp", "work_folder"]
