@@ -74,6 +74,9 @@ def test_snapshot_restore_and_overflow(model):
     model(ids[:, :2], cache=cache)
     with pytest.raises(ValueError, match="static cache holds 12 tokens.*larger max_cache_len"):
         model(ids[:, :1], cache=cache)
+    cache.restore(snap)
+    with pytest.raises(ValueError, match="static cache holds 1 sequences, got 2"):
+        model(torch.cat([ids[:, :1]] * 2), cache=cache)
 
 
 @torch.no_grad()

@@ -120,8 +120,10 @@ class DecodeStep:
 
 def static_decode(model, cache: StaticHybridCache, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits (B, 1, V) of one new token per row, through the cache's DecodeStep for this model (built on first
-    use, rebuilt when the model or the batch changes)."""
+    use, rebuilt for another model). The cache's buffers fix the batch size."""
     step = cache.decode_step
-    if step is None or step.model is not model or step.batch != input_ids.shape[0]:
+    if step is None or step.model is not model:
         step = cache.decode_step = DecodeStep(model, cache)
+    if input_ids.shape[0] != step.batch:
+        raise ValueError(f"the static cache holds {step.batch} sequences, got {input_ids.shape[0]} new tokens' rows")
     return step(input_ids)
