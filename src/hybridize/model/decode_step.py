@@ -12,7 +12,7 @@ written at the slot with `index_copy_`.
 A verify step (T new tokens while `cache.checkpointing`) is the same function with T slots: positions count the
 valid tokens before each new one, the mask adds causality among the new tokens, and the DeltaNet layers write their
 state after every position into per-T buffers the cache holds (`StaticHybridCache._keep_checkpoints`), which
-`rollback` then reads. Shapes differ per T, so each T gets its own input/output buffers and its own graph.
+`rollback` then reads. Shapes differ per T, so each T (with or without checkpoints) gets its own buffers and graph.
 
 torch.compile(mode="reduce-overhead") (what transformers' generate does for its compileable static caches) was
 considered: it would break its graph around fla's Triton kernels and the cache's Python bookkeeping; capturing
@@ -77,12 +77,14 @@ class DecodeStep:
         device = cache.valid.device
         self.start = torch.zeros(1, dtype=torch.long, device=device)  # the first new token's slot
         self.key_slots = torch.arange(cache.max_cache_len, device=device)
-        self.shapes: dict[int, _Shape] = {}  # T -> its buffers and graph
+        # (T, checkpointing) -> buffers and graph: a verify step also writes per-position checkpoints, a graph
+        # captured without them must not stand in for it (nor the reverse), even at T == 1
+        self.shapes: dict[tuple[int, bool], _Shape] = {}
 
     @property
     def graph(self) -> torch.cuda.CUDAGraph | None:
         """The one-token step's graph (None until captured)."""
-        shape = self.shapes.get(1)
+        shape = self.shapes.get((1, False))
         return None if shape is None else shape.graph
 
     def _compute(self, shape: _Shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +108,10 @@ class DecodeStep:
     def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache, T = self.cache, input_ids.shape[1]
         cache.check_room(T)
-        shape = self.shapes.get(T)
+        key = (T, bool(cache.checkpointing))
+        shape = self.shapes.get(key)
         if shape is None:
-            shape = self.shapes[T] = _Shape(self.batch, T, self.start.device)
+            shape = self.shapes[key] = _Shape(self.batch, T, self.start.device)
         shape.ids.copy_(input_ids)
         self.start.fill_(cache.seq_length)
         if not self.use_graph:

@@ -121,7 +121,7 @@ class StaticHybridCache(HybridCache):
         if self.attention_mask is not None:
             self.attention_mask = self.valid[:, : self.seq_length]
         if self.checkpointing:
-            self._checkpoints = dict(self._checkpoint_buffers[new_tokens])
+            self._checkpoints = dict(self._checkpoint_buffers.get(new_tokens, {}))  # none without DeltaNet layers
 
     def grow(self, max_cache_len: int) -> None:
         """Room for `max_cache_len` tokens, keeping what the cache holds (speculative decoding: rows' rejected tokens
