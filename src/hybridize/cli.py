@@ -348,10 +348,6 @@ def _add_training_flags(p, d, eval_tokens: bool = True) -> None:
     """The DistillConfig flags that `distill` and `heal` share (all but the run's length, --align-only, --stop-at)."""
     from .train.config import COMPUTE_DTYPES, SHARDINGS, TRAINABLE
 
-    p.add_argument("--verify-tokens", type=_lengths, default=[], metavar="T,..",
-                   help="inference: also time the hybrid's speculative verify step of T tokens against its one-token "
-                   "step on the same static cache (CUDA graphs on CUDA), at each --decode-batches entry and the first "
-                   "--decode-contexts, e.g. 2,5 [default: not measured]")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
                    help=f"tokens per sequence [default: {d.seq_len}]")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
@@ -669,10 +665,6 @@ def add_select_parser(sub) -> None:
     p.add_argument("--method", choices=METHODS, default=d.method, help=f"scoring method [default: {d.method}]")
     p.add_argument("--tokens", type=_count, default=d.tokens,
                    help=f"tokens of --data to score on [default: {d.tokens}]")
-    p.add_argument("--verify-tokens", type=_lengths, default=[], metavar="T,..",
-                   help="inference: also time the hybrid's speculative verify step of T tokens against its one-token "
-                   "step on the same static cache (CUDA graphs on CUDA), at each --decode-batches entry and the first "
-                   "--decode-contexts, e.g. 2,5 [default: not measured]")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
                    help=f"tokens per window [default: {d.seq_len}]")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
@@ -725,10 +717,6 @@ def add_train_mtp_parser(sub) -> None:
                    help=f"optimizer steps (AdamW on the heads only) [default: {d.steps}]")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help=f"sequences per step, windows of the packed token stream [default: {d.batch_size}]")
-    p.add_argument("--verify-tokens", type=_lengths, default=[], metavar="T,..",
-                   help="inference: also time the hybrid's speculative verify step of T tokens against its one-token "
-                   "step on the same static cache (CUDA graphs on CUDA), at each --decode-batches entry and the first "
-                   "--decode-contexts, e.g. 2,5 [default: not measured]")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
                    help=f"tokens per sequence [default: {d.seq_len}]")
     p.add_argument("--lr", type=_float, default=d.lr, help=f"peak learning rate of the heads [default: {d.lr}]")
@@ -778,10 +766,6 @@ def add_analyze_parser(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="a hybridize folder, or a source: folder, hub id or .gguf file")
     p.add_argument("--data", required=True, nargs="+", metavar="PATH", help="text in any format `distill` reads")
     p.add_argument("--tokens", type=_count, default=d.tokens, help=f"tokens of --data to use [default: {d.tokens}]")
-    p.add_argument("--verify-tokens", type=_lengths, default=[], metavar="T,..",
-                   help="inference: also time the hybrid's speculative verify step of T tokens against its one-token "
-                   "step on the same static cache (CUDA graphs on CUDA), at each --decode-batches entry and the first "
-                   "--decode-contexts, e.g. 2,5 [default: not measured]")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
                    help=f"tokens per window [default: {d.seq_len}]")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
@@ -828,10 +812,6 @@ def add_train_etd_parser(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=d.steps, help=f"[default: {d.steps}]")
     p.add_argument("--lr", type=_float, default=d.lr, help=f"AdamW learning rate [default: {d.lr}]")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"[default: {d.batch_size}]")
-    p.add_argument("--verify-tokens", type=_lengths, default=[], metavar="T,..",
-                   help="inference: also time the hybrid's speculative verify step of T tokens against its one-token "
-                   "step on the same static cache (CUDA graphs on CUDA), at each --decode-batches entry and the first "
-                   "--decode-contexts, e.g. 2,5 [default: not measured]")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help=f"[default: {d.seq_len}]")
     p.add_argument("--tokens", type=_count, default=d.tokens, help=f"tokens of --data [default: {d.tokens}]")
     p.add_argument("--gamma", type=_float, default=d.gamma, help=f"focal-loss gamma [default: {d.gamma}]")
