@@ -103,3 +103,21 @@ def test_bench_infer_tiny_rows_ratios_and_cache_bytes(tmp_path, capsys):
         assert row["cache_gb"] == pytest.approx((kv + row["batch"] * states + row["batch"] * 45) / 1e9, abs=1e-4)
     table = capsys.readouterr().out
     assert "prefill" in table and "roofline" in table and "× source" in table
+
+
+def test_bench_infer_tiny_verify_rows(tmp_path, capsys):
+    """`--verify-tokens 2,5`: per decode batch (first context), the T-token verify step's ms against the one-token
+    step's on the same static cache, in the JSON and the table."""
+    out = tmp_path / "verify.json"
+    assert main(["bench", "--shape", "tiny", "--prefill-lengths", "16", "--decode-batches", "1,2", "--decode-contexts",
+                 "24,32", "--new-tokens", "3", "--repeats", "1", "--against", "none", "--no-dynamic",
+                 "--verify-tokens", "2,5", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["verify_tokens"] == [2, 5]
+    rows = report["results"]["hybrid"]["verify"]
+    assert [(r["batch"], r["context"], r["tokens"]) for r in rows] == [(1, 24, 2), (1, 24, 5), (2, 24, 2), (2, 24, 5)]
+    for r in rows:
+        assert r["ms_per_step"] > 0 and r["one_token_ms"] > 0 and r["rollback_ms"] > 0
+        assert r["vs_one_token"] == pytest.approx(r["ms_per_step"] / r["one_token_ms"], rel=0.01)
+    table = capsys.readouterr().out
+    assert "verify step" in table and "× 1-token" in table

@@ -81,3 +81,31 @@ def test_static_graph_vs_dynamic_bfloat16_first_divergence():
           f"{'none' if first is None else first}; max |Δ prob| before it {delta:.3g}")
     assert delta < 5e-2
     assert model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static").shape == (1, 208)
+
+
+@torch.no_grad()
+def test_verify_step_graph_replay_equals_eager_step():
+    """Speculative decoding's T-token verify step, one graph per T (5, 2, 1), with a rollback after each and a
+    one-token step between: every replay equals the eager fixed step (float32)."""
+    from hybridize.model.decode_step import forward_new_tokens
+
+    model = model_on_cuda(torch.float32)
+    ids = torch.randint(1, VOCAB, (2, 100), device="cuda")
+    drafts = [torch.randint(1, VOCAB, (2, T), device="cuda") for T in (5, 5, 5, 2, 2, 2, 1)]
+    outs = {}
+    for graph in (True, False):
+        cache = StaticHybridCache(model.config, max_cache_len=200, cuda_graph=graph)
+        model(ids, cache=cache)
+        outs[graph] = []
+        for i, d in enumerate(drafts):
+            cache.checkpointing = True
+            outs[graph] += forward_new_tokens(model, cache, d)
+            cache.rollback(torch.tensor([1 + i % d.shape[1], d.shape[1]]))
+            cache.checkpointing = False
+            outs[graph].append(model(d[:, :1], cache=cache).logits)
+        if graph:
+            assert all(cache.decode_step.shapes[T, True].graph is not None for T in (1, 2, 5))
+            assert cache.decode_step.graph is not None  # the one-token step between: its own graph
+    delta = max((a - b).abs().max().item() for a, b in zip(outs[True], outs[False], strict=True))
+    print(f"verify steps: graph replay vs eager fixed step: max |Δ| {delta:.3g}")
+    assert delta <= 1e-5

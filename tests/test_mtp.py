@@ -267,19 +267,41 @@ def _reference(model, ids, mask=None, **kw):
     return model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kw)
 
 
+def _count_fixed_steps(monkeypatch) -> list[int]:
+    """The number of new tokens of every fixed-buffer step (DecodeStep call) from now on."""
+    from hybridize.model.decode_step import DecodeStep
+
+    sizes, call = [], DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, ids: sizes.append(ids.shape[1]) or call(self, ids))
+    return sizes
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("heads", ["untrained", "trained"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_greedy_equals_generate(model, trained, heads, batch):
+def test_greedy_equals_generate(model, trained, heads, batch, cache, monkeypatch):
     """Token-identical to model.generate(do_sample=False) for 1, 3 and 4 drafts; batch 2 pairs a left-padded row
-    with one the trained heads never saw, so its rows accept different numbers of drafts."""
+    with one the trained heads never saw, so its rows accept different numbers of drafts. With the static cache
+    every verify forward is the fixed-buffer step (T = drafts + 1 tokens)."""
     m = model if heads == "untrained" else trained
     ids, mask = prompts()
     ids, mask = (ids[:1], None) if batch == 1 else (ids[[2, 6]], mask[[2, 6]])
     ref = _reference(m, ids, mask, max_new_tokens=23)
+    steps = _count_fixed_steps(monkeypatch)
+    grown, grow = [], StaticHybridCache.grow
+    monkeypatch.setattr(StaticHybridCache, "grow", lambda self, n: grown.append(n) or grow(self, n))
     for k in (1, 3, 4):
-        got = m.mtp_decoder.generate(ids, max_new_tokens=23, attention_mask=mask, num_draft_tokens=k)
+        got = m.mtp_decoder.generate(ids, max_new_tokens=23, attention_mask=mask, num_draft_tokens=k,
+                                     cache_implementation=cache)
         assert torch.equal(got, ref), (heads, batch, k)
     stats = m.mtp_decoder.stats
+    if cache == "static":  # the last call (4 drafts): one fixed step per verify, 5 tokens until the budget nears
+        verifies = len(stats["accepted"])
+        assert len(steps) > verifies and steps[-verifies] == 5 and max(steps) == 5, steps
+        if heads == "trained" and batch == 2:  # the rows' holes outran prompt + budget + K + 1 slots: it grew
+            assert grown, stats["accepted"]
+    else:
+        assert not steps
     print(f"{heads} heads, batch {batch}, 4 drafts: {stats['tokens_per_verify']:.2f} tokens per verify")
     if heads == "trained":
         assert stats["tokens_per_verify"] > (2.5 if batch == 1 else 1.5), stats
@@ -327,6 +349,8 @@ def test_bad_arguments_are_one_line_errors(model):
         model.mtp_decoder.generate(ids, max_new_tokens=0)
     with pytest.raises(HybridizeError, match="temperature"):
         model.mtp_decoder.generate(ids, do_sample=True, temperature=0)
+    with pytest.raises(HybridizeError, match="cache_implementation"):
+        model.mtp_decoder.generate(ids, cache_implementation="offloaded")
 
 
 # ------------------------------------------------------------------------------------------------ sampling

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridize.ops import (
+    all_states_gated_delta_rule,
     causal_conv1d,
     chunk_gated_delta_rule,
     fla_available,
@@ -97,6 +98,48 @@ def test_recurrent_matches_naive_fp64(T, with_state):
     o, s = run(recurrent_gated_delta_rule, inputs)
     assert maxdiff(o, o_ref) < 1e-12
     assert maxdiff(s, s_ref) < 1e-12
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 9])
+@pytest.mark.parametrize("heads", [(2, 4), (3, 3)])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_all_states_closed_form_matches_recurrent_and_naive_fp64(T, heads, with_state):
+    """The verify step's vectorized op: every per-token state and output equal the token loop and the spec."""
+    q, k, v, g, beta, h0 = make_inputs(T=T, Hk=heads[0], Hv=heads[1], with_state=with_state, seed=60 + T)
+    o, states = all_states_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
+    o_rec, states_rec = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_all_states=True)
+    assert o.shape == (2, T, heads[1], 12) and states.shape == (2, T, heads[1], 16, 12)
+    assert o.dtype == states.dtype == F64
+    assert maxdiff(o, o_rec) <= 1e-10 and maxdiff(states, states_rec) <= 1e-10
+    for t in range(T):  # the spec run on each prefix: its output at t and its final state
+        o_ref, s_ref = naive_gated_delta_rule(q[:, : t + 1], k[:, : t + 1], v[:, : t + 1], g[:, : t + 1],
+                                              beta[:, : t + 1], initial_state=h0, output_final_state=True)
+        assert maxdiff(o[:, t], o_ref[:, t]) <= 1e-10 and maxdiff(states[:, t], s_ref) <= 1e-10
+
+
+def test_all_states_dtypes_and_dispatch(monkeypatch):
+    """bfloat16 inputs: output in bfloat16, states in float32 (as the token loop); `gated_delta_net`'s all-states
+    path is the closed form (no per-token loop) and agrees with the loop in float32."""
+    from hybridize.ops import dispatch
+
+    q, k, v, g, beta, h0 = make_inputs(T=5, dtype=torch.bfloat16, seed=3)
+    o, states = all_states_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
+    assert o.dtype == torch.bfloat16 and states.dtype == F32
+    called = []
+    monkeypatch.setattr(dispatch, "recurrent_gated_delta_rule", lambda *a, **kw: called.append(1))
+    gen = torch.Generator().manual_seed(0)
+    B, T, Hk, Hv, K, V = 2, 5, 2, 4, 16, 8
+    qr, kr = torch.randn(B, T, Hk, K, generator=gen), torch.randn(B, T, Hk, K, generator=gen)
+    vr, a, b = torch.randn(B, T, Hv, V, generator=gen), torch.randn(B, T, Hv, generator=gen), torch.randn(
+        B, T, Hv, generator=gen)
+    A_log, dt_bias, h = torch.randn(Hv, generator=gen), torch.randn(Hv, generator=gen), torch.randn(
+        B, Hv, K, V, generator=gen)
+    o, states = dispatch.gated_delta_net(qr, kr, vr, a, b, A_log, dt_bias, initial_state=h, output_all_states=True)
+    assert not called and states.shape == (B, T, Hv, K, V)
+    o_rec, states_rec = recurrent_gated_delta_rule(
+        dispatch.l2norm(qr), dispatch.l2norm(kr), vr, dispatch.gdn_decay(a, A_log, dt_bias), b.sigmoid(),
+        initial_state=h, output_all_states=True)
+    assert maxdiff(o, o_rec) < 1e-5 and maxdiff(states, states_rec) < 1e-5
 
 
 def test_custom_scale_and_no_final_state():

@@ -2,7 +2,8 @@
 
 On a CPU the step runs eagerly — the same function a CUDA graph captures on a GPU (tests/test_gpu_static.py
 replays it there) — so these tests check its math: positions and the attention mask from `valid`, K/V written at a
-device slot, DeltaNet states updated in place, padding, rollback holes, beam reordering, ETD's extra slots.
+device slot, DeltaNet states updated in place, padding, rollback holes, beam reordering, ETD's extra slots, and the
+T-token verify step of speculative decoding (per-position checkpoints in fixed buffers, then `rollback`).
 """
 
 import pytest
@@ -11,7 +12,7 @@ from test_etd import etd, randomize_etd, tiny_hybrid
 from test_mtp import V, perturbed_model
 
 from hybridize import HybridCache, StaticHybridCache
-from hybridize.model.decode_step import DecodeStep
+from hybridize.model.decode_step import DecodeStep, forward_new_tokens
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,48 @@ def test_fixed_step_runs_and_matches_per_step(model):
     assert static.get_seq_length() == dynamic.get_seq_length() == 20
     assert static.valid[:, :20].all() and not static.valid[:, 20:].any()
     assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("T", [1, 3, 5])
+@torch.no_grad()
+def test_verify_step_equals_dynamic_forward_then_rolls_back(model, T):
+    """Two verify steps of T tokens (rows keep different counts: holes) on a left-padded batch: the fixed-buffer
+    step's hidden states and logits equal the dynamic cache's eager forward, and after each rollback both caches
+    decode on identically; growing the static cache mid-way changes nothing."""
+    gen = torch.Generator().manual_seed(6)
+    prefix = torch.randint(1, V, (2, 9), generator=gen)
+    mask = torch.ones_like(prefix)
+    mask[1, :4] = 0
+    dynamic, static = HybridCache(model.config), StaticHybridCache(model.config, max_cache_len=9 + 2 * (T + 2))
+    for cache in (dynamic, static):
+        model(prefix, attention_mask=mask, cache=cache)
+    worst = {"verify": 0.0, "after": 0.0}
+    for round_ in range(2):
+        new = torch.randint(1, V, (2, T), generator=gen)
+        out = {}
+        for name, cache in (("dynamic", dynamic), ("static", static)):
+            cache.checkpointing = True
+            out[name] = forward_new_tokens(model, cache, new)
+        assert (T, True) in static.decode_step.shapes and static.get_seq_length() == dynamic.get_seq_length()
+        for a, b in zip(out["dynamic"], out["static"], strict=True):
+            assert a.shape == b.shape
+            worst["verify"] = max(worst["verify"], (a - b).abs().max().item())
+        keep = torch.tensor([1, T]) if round_ == 0 else torch.tensor([T, max(T - 1, 1)])
+        for cache in (dynamic, static):
+            cache.rollback(keep)
+            cache.checkpointing = False
+        assert static.get_seq_length() == dynamic.get_seq_length()
+        if round_ == 1:
+            static.grow(static.max_cache_len + 5)
+            assert static.decode_step is None and static.valid.shape[1] == static.max_cache_len
+        for _ in range(2):  # one-token steps over the holes the rollback left
+            tok = torch.randint(1, V, (2, 1), generator=gen)
+            a, b = model(tok, cache=dynamic).logits, model(tok, cache=static).logits
+            worst["after"] = max(worst["after"], (a - b).abs().max().item())
+    assert isinstance(static.decode_step, DecodeStep) and not static.decode_step.use_graph  # CPU: eager
+    print(f"T={T}: max |Δ| static vs dynamic: verify {worst['verify']:.3g}, decoding after rollback "
+          f"{worst['after']:.3g}")
+    assert worst["verify"] < 1e-5 and worst["after"] < 1e-5
 
 
 @torch.no_grad()

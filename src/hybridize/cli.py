@@ -883,6 +883,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--no-dynamic", dest="compare_dynamic", action="store_false",
                    help="inference: time the hybrid's decoding only on its static cache (the CUDA-graph step), not "
                    "also on the dynamic cache (the 'dynamic' column)")
+    p.add_argument("--verify-tokens", type=_lengths, default=[], metavar="T,..",
+                   help="inference: also time the hybrid's speculative verify step of T tokens against its one-token "
+                   "step on the same static cache (CUDA graphs on CUDA), at each --decode-batches entry and the first "
+                   "--decode-contexts, e.g. 2,5 [default: not measured]")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
                    help=f"--train: tokens per sequence [default: {d.seq_len}]")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,

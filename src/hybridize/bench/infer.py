@@ -12,6 +12,11 @@ HybridCache, transformers' DynamicCache):
              The hybrid decodes on its StaticHybridCache (the CUDA-graph step on CUDA) and, with
              `compare_dynamic`, also on the dynamic HybridCache (`dynamic_tokens_per_s`); the source model on
              transformers' DynamicCache through its own forward.
+    verify   (`verify_tokens`, the hybrid only) at each decode batch and the first decode context, on one
+             StaticHybridCache: the one-token step, then the T-token speculative verify step (cache.checkpointing,
+             T tokens, then `rollback(1)` untimed, so both kinds of step add one token per repeat and see the same
+             cache), each step timed alone between device syncs, median of `new_tokens`; ms per step, the ratio
+             to the one-token step, and the rollback's own ms. On CUDA both are CUDA-graph replays.
 
 The copy bandwidth is measured first (a device-to-device copy: read + write). Rows that run out of memory are
 reported as such, not dropped. On CUDA, computing runs in bfloat16; on a CPU in float32 (the `tiny` shape there
@@ -52,6 +57,7 @@ class InferBenchConfig:
     repeats: int = 3
     against: str = "source"  # source | none
     compare_dynamic: bool = True  # also time the hybrid's decoding on its dynamic cache
+    verify_tokens: list[int] = field(default_factory=list)  # T of the timed verify steps; empty = none
     profile: bool = False  # CUDA: profile one prefill of the first length per model (kernels by kind)
     seed: int = 0
 
@@ -61,7 +67,8 @@ class InferBenchConfig:
         self.decode_batches = self.decode_batches or ([1, 4] if small else [1, 32])
         self.decode_contexts = self.decode_contexts or ([64] if small else [1024, 32768])
         self.new_tokens = self.new_tokens or (8 if small else 64)
-        values = [*self.prefill_lengths, *self.decode_batches, *self.decode_contexts, self.new_tokens, self.repeats]
+        values = [*self.prefill_lengths, *self.decode_batches, *self.decode_contexts, self.new_tokens, self.repeats,
+                  *self.verify_tokens]
         if min(values) < 1:
             raise ValueError("lengths, batches, contexts, new tokens and repeats must all be >= 1")
         if self.against not in ("source", "none"):
@@ -199,7 +206,58 @@ def measure_decode(model: nn.Module, batch: int, context: int, cfg: InferBenchCo
     return row
 
 
-def _guarded(device: torch.device, measure, *args) -> dict:
+def _step_ms(step, repeats: int, device: torch.device, after=None) -> tuple[float, float | None]:
+    """Median ms of `step()` over `repeats` calls, each timed alone between device syncs, after two untimed calls
+    (on CUDA: the eager warm-up, then the capture of the graph); and the median ms of `after()`, run untimed
+    after each call (None without it)."""
+    times, after_times = [], []
+    for i in range(repeats + 2):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+        if after is not None:
+            start = time.perf_counter()
+            after()
+            _sync(device)
+            after_times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times), (1e3 * statistics.median(after_times[2:]) if after else None)
+
+
+@torch.no_grad()
+def measure_verify(model: nn.Module, batch: int, context: int, cfg: InferBenchConfig, device: torch.device
+                   ) -> list[dict]:
+    """The T-token verify step against the one-token step on the same static cache (see the module docstring);
+    one row per T in cfg.verify_tokens."""
+    vocab = model.config.vocab_size
+    ids = _tokens(batch, context, vocab, cfg.seed, device)
+    steps = cfg.new_tokens + 2  # each timed kind of step adds one token per call
+    cache = StaticHybridCache(model.config, context + steps * (1 + len(cfg.verify_tokens)) + max(cfg.verify_tokens))
+    token = model(input_ids=ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    one_ms, _ = _step_ms(lambda: model(input_ids=token, cache=cache), cfg.new_tokens, device)
+
+    def rollback() -> None:
+        cache.rollback(1)
+        cache.checkpointing = False
+
+    rows = []
+    for T in cfg.verify_tokens:
+        drafts = _tokens(batch, T, vocab, cfg.seed + T, device)
+
+        def verify(drafts: torch.Tensor = drafts) -> None:
+            cache.checkpointing = True
+            model(input_ids=drafts, cache=cache)
+
+        ms, rollback_ms = _step_ms(verify, cfg.new_tokens, device, after=rollback)
+        rows.append({"batch": batch, "context": context, "tokens": T, "ms_per_step": round(ms, 4),
+                     "one_token_ms": round(one_ms, 4), "vs_one_token": round(ms / one_ms, 3),
+                     "rollback_ms": round(rollback_ms, 4)})
+    return rows
+
+
+def _guarded(device: torch.device, measure, *args) -> dict | list:
     """A row, or why there is none (out of memory is a result at long context, not a crash)."""
     try:
         return measure(*args)
@@ -254,6 +312,14 @@ def bench_model(name: str, model: nn.Module, cfg: InferBenchConfig, device: torc
             _say(f"{name}: decode batch {batch} after {context} tokens")
             rows["decode"].append({"batch": batch, "context": context,
                                    **_guarded(device, measure_decode, model, batch, context, cfg, device, bandwidth)})
+    if isinstance(model, HybridForCausalLM) and cfg.verify_tokens:
+        rows["verify"] = []
+        context = cfg.decode_contexts[0]
+        for batch in cfg.decode_batches:
+            _say(f"{name}: verify steps of {cfg.verify_tokens} tokens, batch {batch} after {context} tokens")
+            found = _guarded(device, measure_verify, model, batch, context, cfg, device)
+            rows["verify"] += found if isinstance(found, list) else [
+                {"batch": batch, "context": context, "tokens": T, **found} for T in cfg.verify_tokens]
     return rows
 
 
@@ -317,6 +383,14 @@ def format_table(report: dict) -> str:
             f"{_cell(r, 'tokens_per_s', ',.1f'):>14}" for r in rows) + f"{_cell(row, 'speed_vs_source', '.2f'):>10}"
             f"{_cell(row, 'roofline_tokens_per_s', ',.0f'):>10}{share:>9}"
             f"{_cell(row, 'dynamic_tokens_per_s', ',.1f'):>10}")
+    verify = res["hybrid"].get("verify")
+    if verify:
+        lines.append(f"verify step (static cache)        {'ms':>10}{'1-token ms':>12}{'× 1-token':>11}"
+                     f"{'rollback ms':>13}")
+        for row in verify:
+            lines.append(f"  batch {row['batch']:>3} ctx {row['context']:>6} T {row['tokens']:>3}  "
+                         f"{_cell(row, 'ms_per_step', '.3f'):>10}{_cell(row, 'one_token_ms', '.3f'):>12}"
+                         f"{_cell(row, 'vs_one_token', '.2f'):>11}{_cell(row, 'rollback_ms', '.3f'):>13}")
     for m in models:
         p = res[m].get("profile")
         if p and "by_kind_ms" in p:

@@ -56,13 +56,19 @@ class HybridCache:
         """Store a DeltaNet layer's new state; while `checkpointing`, both carry a time axis (B, T, ...) holding
         the state after each position, and the last one becomes the current state."""
         if self.checkpointing:
-            self._checkpoints[layer_idx] = (conv_state, recurrent_state)
+            conv_state, recurrent_state = self._checkpoints[layer_idx] = self._keep_checkpoints(
+                layer_idx, conv_state, recurrent_state)
             conv_state, recurrent_state = conv_state[:, -1], recurrent_state[:, -1]
         self._set_linear(layer_idx, conv_state, recurrent_state)
 
-    # --- storage: the two places where a static (preallocated) cache differs ----------------------------------
+    # --- storage: the places where a static (preallocated) cache differs --------------------------------------
     def _set_linear(self, layer_idx: int, conv_state, recurrent_state) -> None:
         self.conv_states[layer_idx], self.recurrent_states[layer_idx] = conv_state, recurrent_state
+
+    def _keep_checkpoints(self, layer_idx: int, conv_states: torch.Tensor, recurrent_states: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a layer's per-position states (B, T, ...) live until `rollback`: here, the tensors themselves."""
+        return conv_states, recurrent_states
 
     def _keep_kv(self, length: int) -> None:
         """Cut every layer's KV to its first `length` tokens."""

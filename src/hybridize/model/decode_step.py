@@ -1,4 +1,5 @@
-"""The one-token decoding step on a StaticHybridCache: fixed input and output buffers, replayed as a CUDA graph.
+"""The fixed-buffer step on a StaticHybridCache — one new token (decoding) or T (a speculative verify step) —
+with fixed input and output buffers, replayed as a CUDA graph.
 
 Why: batch-1 decoding of an 8B hybrid is launch-bound — about a dozen kernels per layer and hundreds per token,
 the GPU busy a small share of the wall time. A CUDA graph launches the whole step at once. The step computes what
@@ -7,6 +8,11 @@ device tensors (the cache's `valid` mask and the write slot), not Python ints, s
 step: positions = the real tokens before the new one (`valid` summed, so left padding and tokens that speculative
 decoding rejected do not count, as in `prepare_step`), attention sees the `valid` slots, and the new K/V are
 written at the slot with `index_copy_`.
+
+A verify step (T new tokens while `cache.checkpointing`) is the same function with T slots: positions count the
+valid tokens before each new one, the mask adds causality among the new tokens, and the DeltaNet layers write their
+state after every position into per-T buffers the cache holds (`StaticHybridCache._keep_checkpoints`), which
+`rollback` then reads. Shapes differ per T, so each T (with or without checkpoints) gets its own buffers and graph.
 
 torch.compile(mode="reduce-overhead") (what transformers' generate does for its compileable static caches) was
 considered: it would break its graph around fla's Triton kernels and the cache's Python bookkeeping; capturing
@@ -34,14 +40,28 @@ def graph_blocker(model) -> str | None:
 
 
 def is_decode_step(cache, input_ids, inputs_embeds, position_ids, labels, output_hidden_states) -> bool:
-    """Whether a forward is one new real token per row on a filled StaticHybridCache (the step this module runs)."""
-    return (isinstance(cache, StaticHybridCache) and input_ids is not None and input_ids.shape[1] == 1
+    """Whether a forward is a fixed-buffer step on a filled StaticHybridCache: one new real token per row or, while
+    `cache.checkpointing` (a speculative verify step), T >= 1 of them."""
+    return (isinstance(cache, StaticHybridCache) and input_ids is not None
+            and (input_ids.shape[1] == 1 or cache.checkpointing) and input_ids.shape[1] >= 1
             and inputs_embeds is None and position_ids is None and labels is None and not output_hidden_states
-            and cache.seq_length > 0 and not cache.checkpointing and not torch.is_grad_enabled())
+            and cache.seq_length > 0 and not torch.is_grad_enabled())
+
+
+class _Shape:
+    """The buffers of the step for one number of new tokens T: a CUDA graph reads and writes fixed memory."""
+
+    def __init__(self, batch: int, T: int, device: torch.device):
+        self.ids = torch.zeros(batch, T, dtype=torch.long, device=device)
+        self.offsets = torch.arange(T, device=device)  # new token i goes to slot start + i, position before + i
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: tuple[torch.Tensor, torch.Tensor] | None = None  # the graph's output buffers (hidden, logits)
+        self.warmed_up = False
 
 
 class DecodeStep:
-    """One model's one-token step on one StaticHybridCache; `__call__(input_ids)` returns logits (B, 1, V)."""
+    """One model's fixed-buffer step on one StaticHybridCache; `__call__(input_ids)` (B, T) returns the final
+    (normed) hidden states (B, T, D) — speculative decoding feeds them to its MTP heads — and logits (B, T, V)."""
 
     def __init__(self, model, cache: StaticHybridCache):
         if cache.valid is None:
@@ -54,51 +74,66 @@ class DecodeStep:
         self.model, self.cache = model, cache
         self.use_graph = on_cuda and blocker is None and cache.cuda_graph is not False
         self.batch = cache.valid.shape[0]
-        self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=cache.valid.device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=cache.valid.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None  # the graph's output buffer
-        self.warmed_up = False
+        device = cache.valid.device
+        self.start = torch.zeros(1, dtype=torch.long, device=device)  # the first new token's slot
+        self.key_slots = torch.arange(cache.max_cache_len, device=device)
+        # (T, checkpointing) -> buffers and graph: a verify step also writes per-position checkpoints, a graph
+        # captured without them must not stand in for it (nor the reverse), even at T == 1
+        self.shapes: dict[tuple[int, bool], _Shape] = {}
 
-    def _compute(self) -> torch.Tensor:
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The one-token step's graph (None until captured)."""
+        shape = self.shapes.get((1, False))
+        return None if shape is None else shape.graph
+
+    def _compute(self, shape: _Shape) -> tuple[torch.Tensor, torch.Tensor]:
         backbone, cache = self.model.model, self.cache
-        x = backbone.embed_tokens(self.ids)  # (B, 1, D)
-        positions = cache.valid.sum(-1, keepdim=True)  # (B, 1): real tokens before this one
-        cache.valid.index_fill_(1, self.slot, True)
+        slots = self.start + shape.offsets  # (T,)
+        x = backbone.embed_tokens(shape.ids)  # (B, T, D)
+        positions = cache.valid.sum(-1, keepdim=True) + shape.offsets  # (B, T): real tokens before each new one
+        cache.valid.index_fill_(1, slots, True)
         attn_mask = cache.valid[:, None, None, :]  # (B, 1, 1, max_cache_len)
-        cache.write_slot = self.slot
+        if shape.offsets.numel() > 1:  # causal among the new tokens: (B, 1, T, max_cache_len)
+            attn_mask = attn_mask & (self.key_slots <= slots[:, None])
+        cache.write_slot = slots
         try:
             x = backbone.run_layers(x, backbone.rotary_emb(x, positions), attn_mask, None, cache, None)
         finally:
             cache.write_slot = None
-        return self.model.lm_head(backbone.norm(x))
+        hidden = backbone.norm(x)
+        return hidden, self.model.lm_head(hidden)
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        cache = self.cache
-        cache.check_room(1)
-        self.ids.copy_(input_ids)
-        self.slot.fill_(cache.seq_length)
+    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache, T = self.cache, input_ids.shape[1]
+        cache.check_room(T)
+        key = (T, bool(cache.checkpointing))
+        shape = self.shapes.get(key)
+        if shape is None:
+            shape = self.shapes[key] = _Shape(self.batch, T, self.start.device)
+        shape.ids.copy_(input_ids)
+        self.start.fill_(cache.seq_length)
         if not self.use_graph:
-            logits = self._compute()
-        elif not self.warmed_up:  # first step runs eagerly on a side stream (Triton autotuning, cuBLAS workspaces)
-            logits = self._warm_up()
+            out = self._compute(shape)
+        elif not shape.warmed_up:  # first step runs eagerly on a side stream (Triton autotuning, cuBLAS workspaces)
+            out = self._warm_up(shape)
         else:
-            if self.graph is None:
-                self._capture()
-            if self.graph is None:  # capture failed: the eager step, as on a CPU
-                logits = self._compute()
+            if shape.graph is None:
+                self._capture(shape)
+            if shape.graph is None:  # capture failed: the eager step, as on a CPU
+                out = self._compute(shape)
             else:
-                self.graph.replay()
-                logits = self.logits.clone()  # the next replay overwrites the buffer
-        cache.advance_one()
-        return logits
+                shape.graph.replay()
+                out = tuple(t.clone() for t in shape.out)  # the next replay overwrites the buffers
+        cache.advance_step(T)
+        return out
 
-    def _capture(self) -> None:
+    def _capture(self, shape: _Shape) -> None:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):  # records, does not run
-                self.logits = self._compute()
+                shape.out = self._compute(shape)
         except RuntimeError as e:  # a kernel that syncs with the host cannot be captured; decoding still works
             if self.cache.cuda_graph:  # asked for explicitly
                 raise
@@ -106,24 +141,35 @@ class DecodeStep:
             print(f"hybridize: note: the decoding step could not be captured as a CUDA graph "
                   f"({' '.join(str(e).split())[:160]}); it runs eagerly, slower", file=sys.stderr)
             return
-        self.graph = graph
+        shape.graph = graph
 
-    def _warm_up(self) -> torch.Tensor:
-        side = torch.cuda.Stream(device=self.ids.device)
-        side.wait_stream(torch.cuda.current_stream(self.ids.device))
+    def _warm_up(self, shape: _Shape) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.start.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            logits = self._compute()
-        torch.cuda.current_stream(self.ids.device).wait_stream(side)
-        self.warmed_up = True
-        return logits
+            out = self._compute(shape)
+        torch.cuda.current_stream(device).wait_stream(side)
+        shape.warmed_up = True
+        return out
 
 
-def static_decode(model, cache: StaticHybridCache, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits (B, 1, V) of one new token per row, through the cache's DecodeStep for this model (built on first
-    use, rebuilt for another model). The cache's buffers fix the batch size."""
+def static_decode(model, cache: StaticHybridCache, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden (B, T, D), logits (B, T, V)) of T new tokens per row, through the cache's DecodeStep for this model
+    (built on first use, rebuilt for another model). The cache's buffers fix the batch size."""
     step = cache.decode_step
     if step is None or step.model is not model:
         step = cache.decode_step = DecodeStep(model, cache)
     if input_ids.shape[0] != step.batch:
         raise ValueError(f"the static cache holds {step.batch} sequences, got {input_ids.shape[0]} new tokens' rows")
     return step(input_ids)
+
+
+def forward_new_tokens(model, cache, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final normed hidden states, logits) of `input_ids` on top of `cache`: the fixed-buffer step when
+    `is_decode_step` says the cache allows it (a StaticHybridCache), else the model's eager forward. The cache
+    decides, so callers that need the hidden states (speculative decoding's verify step) need no branch."""
+    if is_decode_step(cache, input_ids, None, None, None, False):
+        return static_decode(model, cache, input_ids)
+    hidden, _ = model.model(input_ids, cache=cache)
+    return hidden, model.lm_head(hidden)

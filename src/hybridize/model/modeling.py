@@ -129,7 +129,7 @@ def prepare_step(x: torch.Tensor, attention_mask, position_ids, cache: HybridCac
 
 
 class HybridModel(HybridPreTrainedModel):
-    graph_capturable = True  # its one-token step has no host-side state: a CUDA graph can replay it (decode_step.py)
+    graph_capturable = True  # its fixed-buffer step has no host-side state: a CUDA graph can replay it (decode_step.py)
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)
@@ -211,9 +211,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         if cache is None and use_cache and not self.training:
             cache = HybridCache(self.config)
         if is_decode_step(cache, input_ids, inputs_embeds, position_ids, labels, output_hidden_states):
-            # the fixed-buffer step (a CUDA graph on CUDA); it takes the new token as real, the past's padding from
+            # the fixed-buffer step (a CUDA graph on CUDA); it takes the new tokens as real, the past's padding from
             # the cache, as generate's masks always say
-            return HybridCausalLMOutput(logits=static_decode(self, cache, input_ids), **{_CACHE_FIELD: cache})
+            return HybridCausalLMOutput(logits=static_decode(self, cache, input_ids)[1], **{_CACHE_FIELD: cache})
         hidden, all_hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds,
                                         output_hidden_states)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -16,6 +16,8 @@ Speculative decoding (`MTPDecoder.generate`): draft K tokens with the heads, ver
 the backbone over K+1 tokens, keep the longest prefix the backbone agrees with (greedy) or accepts by rejection
 sampling (Leviathan et al. 2023 / Chen et al. 2023: the output distribution is exactly the backbone's), and roll
 the cache back with `HybridCache.rollback`, which picks per-position DeltaNet checkpoints instead of replaying.
+On a StaticHybridCache (the default on CUDA) the verify forward is the fixed-buffer T-token step, a CUDA graph per T
+(`hybridize.model.decode_step`): eagerly, a verify step costs several one-token steps in kernel launches alone.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from torch import nn
 from ..errors import HybridizeError
 from .cache import HybridCache
 from .config import FULL, HybridConfig
+from .decode_step import forward_new_tokens
 from .layers import RMSNorm, RotaryEmbedding
 from .modeling import HybridDecoderLayer, prepare_step
+from .static_cache import StaticHybridCache
 
 
 class MultiTokenPredictor(nn.Module):
@@ -139,18 +143,27 @@ class MTPDecoder:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, attention_mask: torch.Tensor | None = None,
                  do_sample: bool = False, num_draft_tokens: int | None = None, eos_token_id: int | list[int] | None
                  = None, pad_token_id: int | None = None, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, cache_implementation: str | None = None) -> torch.Tensor:
         """Tokens as `model.generate` returns them, (B, prompt + new): the prompt, then each row's new tokens,
         padded with `pad_token_id` after its EOS. Greedy output equals `model.generate(do_sample=False)`; sampled
         output follows the model's own distribution at `temperature`. Rows accept different numbers of drafts:
         the cache keeps each row's rejected tokens as masked holes. `num_draft_tokens` defaults to
-        config.num_predict_tokens; 0 is plain decoding."""
-        run = _Run(self.model, input_ids, attention_mask, do_sample, temperature, generator)
+        config.num_predict_tokens; 0 is plain decoding. `cache_implementation` is the backbone's cache: "static"
+        (a StaticHybridCache; verify steps run the fixed-buffer step, a CUDA graph on CUDA) or "dynamic" (a
+        HybridCache, eager); default "static" on CUDA, else "dynamic"."""
         K = self.model.config.num_predict_tokens if num_draft_tokens is None else num_draft_tokens
         if not isinstance(K, int) or K < 0:
             raise HybridizeError(f"num_draft_tokens is {K!r}; it must be an integer >= 0")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise HybridizeError(f"max_new_tokens is {max_new_tokens!r}; it must be an integer >= 1")
+        if cache_implementation is None:
+            cache_implementation = "static" if self.model.device.type == "cuda" else "dynamic"
+        if cache_implementation not in ("static", "dynamic"):
+            raise HybridizeError(f"cache_implementation is {cache_implementation!r}; it must be 'static' or "
+                                 "'dynamic'")
+        cache = (StaticHybridCache(self.model.config, input_ids.shape[1] + max_new_tokens + K + 1)
+                 if cache_implementation == "static" else HybridCache(self.model.config))
+        run = _Run(self.model, input_ids, attention_mask, do_sample, temperature, generator, cache)
         eos = eos_token_id if eos_token_id is not None else self.model.config.eos_token_id
         out = _Output(input_ids, max_new_tokens, eos, pad_token_id, self.model.config)
         tok = run.prefill()
@@ -161,6 +174,7 @@ class MTPDecoder:
             k = min(K, out.max_remaining() - 1)
             active = out.active()
             drafts, q = run.draft(tok, k)
+            run.make_room(k + 1, out.max_remaining() + K + 1)
             n_acc, tok = run.verify(tok, drafts, q)
             rows = drafts.tolist()
             accepted.append(n_acc.tolist())
@@ -176,12 +190,12 @@ class _Run:
     """The decoding state of one `generate` call: backbone cache, MTP cache, the MTP hidden state of each row's
     last kept position."""
 
-    def __init__(self, model, input_ids, attention_mask, do_sample, temperature, generator):
+    def __init__(self, model, input_ids, attention_mask, do_sample, temperature, generator, cache: HybridCache):
         if do_sample and not temperature > 0:
             raise HybridizeError(f"temperature is {temperature!r}; it must be > 0 when sampling")
         self.model, self.ids, self.mask = model, input_ids, attention_mask
         self.do_sample, self.temperature, self.generator = do_sample, temperature, generator
-        self.cache, self.mtp_cache = HybridCache(model.config), mtp_cache()
+        self.cache, self.mtp_cache = cache, mtp_cache()
         self.h_mtp: torch.Tensor | None = None  # (B, D) MTP output at each row's last kept position
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -222,13 +236,20 @@ class _Run:
         drafts = torch.stack(drafts, 1) if drafts else tok.new_zeros(tok.shape[0], 0)
         return drafts, (torch.stack(qs, 1) if self.do_sample and qs else None)
 
+    def make_room(self, tokens: int, ahead: int) -> None:
+        """A static cache must hold the next `tokens` slots; when it does not (rejected tokens leave holes, so slots
+        can outrun the tokens kept), it grows to hold `ahead` more."""
+        cache = self.cache
+        if isinstance(cache, StaticHybridCache) and cache.seq_length + tokens > cache.max_cache_len:
+            cache.grow(cache.seq_length + max(tokens, ahead))
+
     def verify(self, tok: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One backbone forward over [tok, drafts]; returns the drafts accepted per row (B,) and the token that
-        follows them (B,): the backbone's correction, or its bonus token when every draft was accepted."""
+        """One backbone forward over [tok, drafts] (the fixed-buffer step on a static cache); returns the drafts
+        accepted per row (B,) and the token that follows them (B,): the backbone's correction, or its bonus token
+        when every draft was accepted."""
         self.cache.checkpointing = True
-        hidden, _ = self.model.model(torch.cat([tok[:, None], drafts], dim=1), cache=self.cache)
-        logits = self.model.lm_head(hidden)  # (B, k+1, V)
+        hidden, logits = forward_new_tokens(self.model, self.cache, torch.cat([tok[:, None], drafts], dim=1))
         n_acc, new = (self._accept_sampled(logits, drafts, q) if self.do_sample
                       else _accept_greedy(logits, drafts))
         self.cache.rollback(n_acc + 1)

@@ -8,6 +8,8 @@ Same interface and semantics as HybridCache (snapshot / restore, per-position ch
   filled prefix (eager) or the whole buffer under the `valid` mask (the captured step). Cutting KV back is free:
   slots past `seq_length` are ignored and later overwritten.
 - DeltaNet conv / recurrent states: fixed buffers updated in place (copy_), never replaced.
+- DeltaNet per-position checkpoints (a verify step while `checkpointing`): fixed buffers per number of new tokens
+  T, so a captured verify step writes them at the same addresses every replay; `rollback` reads them.
 - `valid` (B, max_cache_len) bool: which slots hold real tokens (not padding, not a token rollback rejected, not
   yet written). The captured step derives positions and the attention mask from it on the device.
 
@@ -27,7 +29,7 @@ from .config import HybridConfig
 class StaticHybridCache(HybridCache):
     """HybridCache in buffers of `max_cache_len` tokens; `model.generate(..., cache_implementation="static")` makes
     one. One-token decoding steps on it run a fixed-buffer step, captured as a CUDA graph on CUDA when
-    `cuda_graph` is not False."""
+    `cuda_graph` is not False; so do T-token forwards while `checkpointing` (speculative verify steps)."""
 
     # transformers' generate would torch.compile the forward for a compileable cache; this one captures its own
     # CUDA graph of the decoding step instead.
@@ -41,8 +43,9 @@ class StaticHybridCache(HybridCache):
         self.cuda_graph = cuda_graph  # None: on CUDA when the model allows it
         self.valid: torch.Tensor | None = None  # (B, max_cache_len) bool
         self.write_slot: torch.Tensor | None = None  # (1,) long: set while the fixed-buffer step runs
-        self.decode_step = None  # the model's DecodeStep for this cache, built on the first one-token step
+        self.decode_step = None  # the model's DecodeStep for this cache, built on the first fixed-buffer step
         self._linear_buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self._checkpoint_buffers: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # T -> layer -> bufs
 
     # --- storage ------------------------------------------------------------------------------------------------
     def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +82,16 @@ class StaticHybridCache(HybridCache):
                 buffer.copy_(state)
             store[layer_idx] = buffer
 
+    def _keep_checkpoints(self, layer_idx: int, conv_states: torch.Tensor, recurrent_states: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy a layer's per-position states (B, T, ...) into this cache's buffers for T tokens."""
+        kept = self._checkpoint_buffers.setdefault(conv_states.shape[1], {})
+        if layer_idx not in kept:
+            kept[layer_idx] = (torch.empty_like(conv_states), torch.empty_like(recurrent_states))
+        for buffer, state in zip(kept[layer_idx], (conv_states, recurrent_states), strict=True):
+            buffer.copy_(state)
+        return kept[layer_idx]
+
     def _keep_kv(self, length: int) -> None:
         """Nothing to cut: slots past `length` are masked by `valid` and rewritten by later tokens."""
 
@@ -100,12 +113,30 @@ class StaticHybridCache(HybridCache):
         super().advance(seq_length, attention_mask)
         self._sync_valid()
 
-    def advance_one(self) -> None:
-        """After the fixed-buffer step (which marked its slot in `valid` on the device): one more token."""
-        self.seq_length += 1
-        self.last_length = 1
+    def advance_step(self, new_tokens: int) -> None:
+        """After the fixed-buffer step (which marked its slots in `valid` on the device): `new_tokens` more. A replayed
+        graph ran no Python, so the checkpoints `rollback` reads are named here, from the buffers it wrote."""
+        self.seq_length += new_tokens
+        self.last_length = new_tokens
         if self.attention_mask is not None:
             self.attention_mask = self.valid[:, : self.seq_length]
+        if self.checkpointing:
+            self._checkpoints = dict(self._checkpoint_buffers.get(new_tokens, {}))  # none without DeltaNet layers
+
+    def grow(self, max_cache_len: int) -> None:
+        """Room for `max_cache_len` tokens, keeping what the cache holds (speculative decoding: rows' rejected tokens
+        leave holes, so the slots used can outrun the tokens kept). The KV buffers move, so the fixed-buffer step is
+        rebuilt, its graphs captured again, on next use."""
+        extra = max_cache_len - self.max_cache_len
+        if extra <= 0:
+            return
+        for store in (self.key_cache, self.value_cache):
+            for i, t in store.items():
+                store[i] = torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)
+        if self.valid is not None:
+            self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], extra)], dim=1)
+        self.max_cache_len = max_cache_len
+        self.decode_step = None
 
     def rollback(self, n_keep) -> None:
         super().rollback(n_keep)

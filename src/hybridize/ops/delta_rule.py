@@ -181,3 +181,44 @@ def recurrent_gated_delta_rule(
     if output_all_states:
         return o.to(v_dtype), torch.stack(states, dim=1)
     return o.to(v_dtype), (S if output_final_state else None)
+
+
+def all_states_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule over a few tokens (a speculative verify step) with the state after every token, in
+    closed form: no loop over tokens, so a step is a fixed handful of kernels (the per-token loop costs T times
+    the launches, which dominates a captured verify step). The chunked form of the module docstring with one
+    chunk of T tokens, keeping every S_t instead of only the last::
+
+        U   = U0 - W S_0                                       (the UT transform: one T x T triangular solve)
+        S_t = exp(gam_t) S_0 + sum_{j<=t} exp(gam_t - gam_j) k_j u_j^T       (one batched matmul for all t)
+        o_t = S_t^T q_t
+
+    Same arguments as :func:`recurrent_gated_delta_rule`. Returns o [B, T, Hv, V] in v.dtype and the states
+    [B, T, Hv, K, V] in the compute dtype (float32; float64 if any input is float64). Costs O(T^2 K V) per head:
+    meant for short T (use the chunked form for prefill)."""
+    v_dtype = v.dtype
+    q, k, v, g, beta, S0 = _prepare(q, k, v, g, beta, scale, initial_state)
+    B, H, T, K = k.shape
+    V = v.shape[-1]
+    if T == 0:
+        return v.new_zeros(B, 0, H, V).to(v_dtype), S0.new_zeros(B, 0, H, K, V)
+    gam = g.cumsum(-1)  # [B, H, T]
+    incl = torch.ones(T, T, dtype=torch.bool, device=k.device).tril()
+    M = (gam[..., :, None] - gam[..., None, :]).masked_fill(~incl, float("-inf")).exp()  # exp(gam_t - gam_j), j<=t
+    A = (beta[..., None] * (k @ k.transpose(-1, -2)) * M).tril(-1)
+    rhs = torch.cat([beta[..., None] * v, (beta * gam.exp())[..., None] * k], dim=-1)  # [B, H, T, V+K]
+    sol = torch.linalg.solve_triangular(A + torch.eye(T, dtype=A.dtype, device=A.device), rhs, upper=False,
+                                        unitriangular=True)
+    U = sol[..., :V] - sol[..., V:] @ S0  # [B, H, T, V]: the new values given the incoming state
+    k_dec = M[..., None] * k[:, :, None]  # [B, H, T(t), T(j), K]: exp(gam_t - gam_j) k_j, zero for j > t
+    S = gam.exp()[..., None, None] * S0[:, :, None] + k_dec.transpose(-1, -2) @ U[:, :, None]  # [B, H, T, K, V]
+    o = (q[..., None, :] @ S)[..., 0, :]  # [B, H, T, V]: S_t^T q_t
+    return o.transpose(1, 2).to(v_dtype), S.transpose(1, 2).contiguous()

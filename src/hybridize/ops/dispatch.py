@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .conv import causal_conv1d
-from .delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from .delta_rule import all_states_gated_delta_rule, chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 __all__ = ["fla_available", "fla_status", "gated_delta_net", "gated_delta_rule", "gated_rms_norm", "note_if_slow_path",
            "rms_norm", "short_conv", "silu_mul"]
@@ -169,12 +169,11 @@ def gated_delta_net(
     A_log, dt_bias: [Hv]. Computes l2norm(q), l2norm(k), g = −exp(A_log)·softplus(a + dt_bias), β = σ(b) and the
     gated delta rule with scale K^-½. Returns (o [B, T, Hv, V], final state [B, Hv, K, V] float32 or None).
     `output_all_states` (speculative verify steps, a few tokens) returns the state after every token instead,
-    [B, T, Hv, K, V], from the PyTorch recurrence on any device.
+    [B, T, Hv, K, V], from the closed-form PyTorch op on any device (fla's kernels keep only the last state).
     """
     if output_all_states:
         g, beta = gdn_decay(a, A_log, dt_bias), b.sigmoid()
-        return recurrent_gated_delta_rule(l2norm(q), l2norm(k), v, g, beta, initial_state=initial_state,
-                                          output_all_states=True)
+        return all_states_gated_delta_rule(l2norm(q), l2norm(k), v, g, beta, initial_state=initial_state)
     if not _use_fla(v):
         g, beta = gdn_decay(a, A_log, dt_bias), b.sigmoid()
         return _torch_gated_delta_rule(l2norm(q), l2norm(k), v, g, beta, None, initial_state, output_final_state)
