@@ -149,3 +149,25 @@ def test_cuda_graph_refused_where_it_cannot_run(model):
         model(torch.ones(1, 1, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="max_cache_len"):
         StaticHybridCache(model.config, max_cache_len=0)
+
+
+def test_norm_scale_is_kept_only_while_weights_are_frozen():
+    """Under frozen_weights (the fixed-buffer step) RMSNorm computes 1 + w once and reuses it until the weight
+    changes in place; outside it, and with autograd on, every call recomputes (training must see new weights)."""
+    from hybridize.model.layers import RMSNorm, frozen_weights
+
+    norm = RMSNorm(8)
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(-0.5, 0.5)
+        with frozen_weights():
+            first = norm.scale()
+            assert norm.scale() is first  # reused
+            expected = norm(x)
+            norm.weight.add_(1.0)  # an in-place update moves the version counter
+            assert norm.scale() is not first
+            torch.testing.assert_close(norm.scale(), 1.0 + norm.weight.float(), rtol=0, atol=0)
+            assert (norm(x) - expected).abs().max() > 0.1
+        assert norm.scale() is not norm.scale()  # not frozen: computed on every call
+    with frozen_weights():
+        assert norm.scale().requires_grad  # autograd on: never cached

@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+from .layers import frozen_weights
 from .static_cache import StaticHybridCache
 
 
@@ -98,10 +99,11 @@ class DecodeStep:
             attn_mask = attn_mask & (self.key_slots <= slots[:, None])
         cache.write_slot = slots
         try:
-            x = backbone.run_layers(x, backbone.rotary_emb(x, positions), attn_mask, None, cache, None)
+            with frozen_weights():  # norms reuse their 1 + w: fewer kernels per step
+                x = backbone.run_layers(x, backbone.rotary_emb(x, positions), attn_mask, None, cache, None)
+                hidden = backbone.norm(x)
         finally:
             cache.write_slot = None
-        hidden = backbone.norm(x)
         return hidden, self.model.lm_head(hidden)
 
     @torch.no_grad()

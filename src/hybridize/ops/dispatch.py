@@ -36,7 +36,7 @@ from .conv import causal_conv1d
 from .delta_rule import all_states_gated_delta_rule, chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 __all__ = ["fla_available", "fla_status", "gated_delta_net", "gated_delta_rule", "gated_rms_norm", "note_if_slow_path",
-           "rms_norm", "short_conv", "silu_mul"]
+           "rms_norm", "scaled_rms_norm", "short_conv", "silu_mul"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -208,7 +208,11 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x̂·(1 + w) computed in float32 (qwen3_5_text's convention: a source weight w is stored as w − 1)."""
-    scale = 1.0 + weight.float()  # float32 even when w is bfloat16: 1 + w would lose w's low bits
+    return scaled_rms_norm(x, 1.0 + weight.float(), eps)  # float32 even for bf16 w: 1 + w would lose w's low bits
+
+
+def scaled_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """x̂·scale with a float32 `scale` (rms_norm's 1 + w, computed once by a caller that knows w is frozen)."""
     if not _use_fla(x):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
