@@ -1,6 +1,6 @@
 """Tables from `hybridize heal` folders: final quality per run, and KL against training tokens.
 
-    python benchmarks/heal_report.py RUN [RUN ...] [--json FILE] [--milestones 0,5M,10M,20M,50M]
+    python benchmarks/heal_report.py RUN [RUN ...] [--json FILE] [--plot PNG] [--milestones 0,5M,10M,20M,50M]
 
 Per run (its OUT/heal.json): perplexity ratio to the teacher, KL and greedy agreement on each eval path, passkey
 accuracy of model and teacher; then the KL of the KD stage's --eval-every evaluations at the token milestones (the
@@ -54,6 +54,39 @@ def kl_curve(run: Path, milestones: list[int]) -> dict:
     return out
 
 
+def kd_points(run: Path) -> list[tuple[int, float, float]]:
+    """(KD tokens, KL, perplexity ratio) of the fresh conversion and every --eval-every evaluation of the KD stage."""
+    state = json.loads((run / "heal.json").read_text())
+    per_step = state["settings"]["distill"]["batch_size"] * state["settings"]["distill"]["seq_len"]
+    fresh = next(iter(state["done"].get("eval", {}).get("fresh", {}).values()), None)
+    points = [] if fresh is None else [(0, fresh["kl"], fresh["perplexity"] / fresh["teacher_perplexity"])]
+    return points + [(e["step"] * per_step, e["kl"], e["perplexity"] / e["teacher_perplexity"])
+                     for e in _records(run / "kd" / "eval.jsonl")]
+
+
+def plot_curves(runs: list[Path], out: Path) -> None:
+    """KL and perplexity ratio (log scale) against KD tokens, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        tokens, kl, ratio = zip(*kd_points(run), strict=True)
+        millions = [t / 1e6 for t in tokens]
+        axes[0].plot(millions, kl, marker=".", label=run.name)
+        axes[1].plot(millions, ratio, marker=".", label=run.name)
+    for ax, name in zip(axes, ("KL(teacher || student) / token", "perplexity / teacher's"), strict=True):
+        ax.set_xlabel("KD tokens (M)")
+        ax.set_ylabel(name)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def format_report(runs: list[Path], milestones: list[int]) -> str:
     lines = [f"{'run':<26} {'data':<10} {'ppl ratio':>9} {'KL':>7} {'agree':>6} {'passkey model/teacher':>22}"]
     for run in runs:
@@ -75,6 +108,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="heal output folders")
     parser.add_argument("--milestones", default="0,5M,10M,20M,50M", help="KD tokens for the KL curve")
     parser.add_argument("--json", type=Path, help="also write every number as JSON")
+    parser.add_argument("--plot", type=Path, help="also draw KL and perplexity ratio against KD tokens (PNG)")
     args = parser.parse_args()
     runs = [r for r in args.runs if (r / "heal.json").is_file()]
     milestones = [_count(m) for m in args.milestones.split(",")]
@@ -82,6 +116,8 @@ def main() -> None:
     if args.json:
         report = {r.name: {"final": final_rows(r), "kl_curve": kl_curve(r, milestones)} for r in runs}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot_curves(runs, args.plot)
 
 
 if __name__ == "__main__":

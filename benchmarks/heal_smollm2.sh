@@ -9,8 +9,11 @@
 # zero-uniform-0 calibrated-selected-1 [default: the four variants with seed 0, then calibrated-uniform-1]. Each
 # run evaluates KL every EVAL_EVERY steps (the tokens-versus-quality curve) and passkey retrieval at the end;
 # re-running the script resumes unfinished runs and skips finished ones. On a 2-GPU host, GPU=0 and GPU=1 run two
-# variants at once (CUDA_VISIBLE_DEVICES). Env: TOKENS (50M), SEQ (2048), BATCH (16), EVAL_EVERY (50),
-# EVAL_TOKENS (262144), LAYERS (the selected attention layers, from `hybridize select-layers --method kl`).
+# variants at once (CUDA_VISIBLE_DEVICES); CONCURRENT=1 runs all the variants at once instead, as separate processes
+# on the same GPU (one SmolLM2 run leaves most of an H200 idle: its step is bound by kernel launches). Env: TOKENS
+# (50M), SEQ (2048), BATCH (16), EVAL_EVERY (50), EVAL_TOKENS (262144), PASSKEY (1k,2k,4k,8k), TRIALS (5),
+# SAVE_EVERY (100), LAYERS (the selected attention layers, from `hybridize select-layers --method kl`). The
+# optimizer settings are `hybridize heal`'s defaults (lr 3e-4 -> 3e-5 cosine, 50 warmup steps, clip 1.0).
 set -euo pipefail
 gguf=$1 corpus=$2 runs=$3
 shift 3
@@ -28,13 +31,19 @@ for variant in $variants; do
   out=$runs/$variant
   if [ -f "$out/final/config.json" ] && grep -q '"eval"' "$out/heal.json"; then echo "== $variant: done"; continue; fi
   args=(--data "$corpus/train.jsonl" --eval-data "$corpus/val.jsonl" "$corpus/holdout.jsonl"
-        --tokens "${TOKENS:-50M}" --seq-len "${SEQ:-2048}" --batch-size "${BATCH:-16}" --lr 5e-4 --min-lr 5e-5
-        --warmup 50 --save-every 100 --eval-every "${EVAL_EVERY:-50}" --eval-tokens "${EVAL_TOKENS:-262144}"
-        --eval-passkey 1k,2k,4k,8k --seed "$seed" --weights-dtype bfloat16 --no-progress)
+        --tokens "${TOKENS:-50M}" --seq-len "${SEQ:-2048}" --batch-size "${BATCH:-16}"
+        --save-every "${SAVE_EVERY:-100}" --eval-every "${EVAL_EVERY:-50}" --eval-tokens "${EVAL_TOKENS:-262144}"
+        --eval-passkey "${PASSKEY:-1k,2k,4k,8k}" --passkey-trials "${TRIALS:-5}" --seed "$seed"
+        --weights-dtype bfloat16 --no-progress)
   [ "$init" = calibrated ] || args+=(--no-calibrate)
   [ "$layers" = selected ] && args+=(--attention-layers "$LAYERS")
   [ -d "$out" ] && args+=(--resume)
   echo "== $variant $(date -u +%T)"
-  CUDA_VISIBLE_DEVICES=${GPU:-0} "$py" -m hybridize heal "$gguf" "$out" "${args[@]}" > "$out.json"
+  if [ -n "${CONCURRENT:-}" ]; then
+    CUDA_VISIBLE_DEVICES=${GPU:-0} "$py" -m hybridize heal "$gguf" "$out" "${args[@]}" > "$out.json" 2> "$out.log" &
+  else
+    CUDA_VISIBLE_DEVICES=${GPU:-0} "$py" -m hybridize heal "$gguf" "$out" "${args[@]}" > "$out.json"
+  fi
 done
+wait
 "$py" "$(dirname "$0")/heal_report.py" "$runs"/*/

@@ -141,9 +141,11 @@ def test_heal_runs_every_stage_and_brings_the_hybrid_closer(workspace, tmp_path,
     import sys
 
     report = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "heal_report.py"),
-                             str(out), "--milestones", "0,1k"], capture_output=True, text=True, check=True).stdout
+                             str(out), "--milestones", "0,1k", "--plot", str(tmp_path / "kl.png")],
+                            capture_output=True, text=True, check=True).stdout
     assert f"{evaluation['perplexity'] / evaluation['teacher_perplexity']:9.3f}" in report
     assert f"{fresh['kl']:8.3f}" in report.splitlines()[-1]
+    assert (tmp_path / "kl.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_resume_after_a_crash_gives_the_same_model(workspace, tmp_path, monkeypatch, capsys):
