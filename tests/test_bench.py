@@ -121,3 +121,26 @@ def test_bench_infer_tiny_verify_rows(tmp_path, capsys):
         assert r["vs_one_token"] == pytest.approx(r["ms_per_step"] / r["one_token_ms"], rel=0.01)
     table = capsys.readouterr().out
     assert "verify step" in table and "× 1-token" in table
+
+
+def test_largest_decode_batch_predicts_then_probes_down():
+    """The search reads the limit off two probes (peak memory linear in the batch) and steps down 10 % at a time when
+    the prediction does not fit (here activations grow faster than linear past batch 40)."""
+    from hybridize.bench.infer import InferBenchConfig, largest_decode_batch
+
+    probed = []
+
+    def peak(model, batch, context, cfg, device):
+        probed.append(batch)
+        if batch > 40:
+            return None  # out of memory
+        return 10_000 + 1_000 * batch
+
+    capacity = 100_000  # linear prediction: (98,000 - 11,000) // 1,000 + 1 = 88 rows
+    batch = largest_decode_batch(None, 1024, InferBenchConfig(shape="tiny"), "cpu", capacity=capacity, peak=peak)
+    assert probed == [1, 2, 88, 79, 71, 63, 56, 50, 45, 40] and batch == 40 and batch <= 40 < int(batch / 0.9) + 1
+    assert largest_decode_batch(None, 1024, None, "cpu", capacity, lambda *a: None) == 0  # not even one row
+    fits_one = largest_decode_batch(None, 1024, None, "cpu", capacity, lambda m, b, *a: 5 if b == 1 else None)
+    assert fits_one == 1
+    linear = largest_decode_batch(None, 1024, None, "cpu", capacity, lambda m, b, *a: 10_000 + 1_000 * b)
+    assert linear == 88  # the prediction fits: no further probes

@@ -883,6 +883,11 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--no-dynamic", dest="compare_dynamic", action="store_false",
                    help="inference: time the hybrid's decoding only on its static cache (the CUDA-graph step), not "
                    "also on the dynamic cache (the 'dynamic' column)")
+    p.add_argument("--largest-batch", action="store_true",
+                   help="inference, CUDA: also decode at the largest batch each model fits after each "
+                   "--decode-contexts (predicted from the peak memory at batch 1 and 2, then probed), the row the "
+                   "'decode throughput at each model's largest batch' comparison reads; its prefill takes all rows "
+                   "at once, as generate does")
     p.add_argument("--verify-tokens", type=_lengths, default=[], metavar="T,..",
                    help="inference: also time the hybrid's speculative verify step of T tokens against its one-token "
                    "step on the same static cache (CUDA graphs on CUDA), at each --decode-batches entry and the first "

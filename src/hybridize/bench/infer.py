@@ -58,6 +58,7 @@ class InferBenchConfig:
     against: str = "source"  # source | none
     compare_dynamic: bool = True  # also time the hybrid's decoding on its dynamic cache
     verify_tokens: list[int] = field(default_factory=list)  # T of the timed verify steps; empty = none
+    largest_batch: bool = False  # CUDA: also decode at the largest batch each model fits, per decode context
     profile: bool = False  # CUDA: profile one prefill of the first length per model (kernels by kind)
     seed: int = 0
 
@@ -257,6 +258,53 @@ def measure_verify(model: nn.Module, batch: int, context: int, cfg: InferBenchCo
     return rows
 
 
+def _decode_peak(model: nn.Module, batch: int, context: int, cfg: InferBenchConfig, device: torch.device
+                 ) -> int | None:
+    """Peak bytes of prefilling `context` tokens at `batch` and two decode steps, or None when it runs out of memory."""
+    ids = _tokens(batch, context, model.config.vocab_size, cfg.seed, device)
+    _peak_reset(device)
+    try:
+        cache = StaticHybridCache(model.config, context + 4) if isinstance(model, HybridForCausalLM) else None
+        time_decode(model, ids, 2, cache)
+        return torch.cuda.max_memory_allocated(device)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        del ids
+        cache = None
+        _peak_reset(device)
+
+
+def largest_decode_batch(model: nn.Module, context: int, cfg: InferBenchConfig, device: torch.device,
+                         capacity: int | None = None, peak=_decode_peak) -> int:
+    """The largest batch that prefills `context` tokens (all rows at once, as generate does) and decodes in memory;
+    0 when not even one row fits.
+
+    Peak memory is linear in the batch (weights + per-row cache and activations), so two probes (batch 1 and 2)
+    predict the limit; probes at the prediction step down by 10 % until one fits — two or three prefills instead of
+    a bisection's dozen (a 32k-token prefill at batch 64 takes a minute). `capacity`: bytes available, default the
+    device's total memory."""
+    capacity = torch.cuda.get_device_properties(device).total_memory if capacity is None else capacity
+    one, two = peak(model, 1, context, cfg, device), peak(model, 2, context, cfg, device)
+    if one is None:
+        return 0
+    if two is None:
+        return 1
+    batch = max(2, int((0.98 * capacity - one) // max(two - one, 1)) + 1)
+    while batch > 2 and peak(model, batch, context, cfg, device) is None:
+        batch = max(2, int(batch * 0.9))
+    return batch
+
+
+def measure_largest_batch(model: nn.Module, context: int, cfg: InferBenchConfig, device: torch.device,
+                          bandwidth: float) -> dict:
+    """The decode row at the largest batch the model fits after `context` tokens (`largest_decode_batch`)."""
+    batch = largest_decode_batch(model, context, cfg, device)
+    if batch == 0:
+        return {"batch": 0, "error": "out of memory"}
+    return {"batch": batch, **_guarded(device, measure_decode, model, batch, context, cfg, device, bandwidth)}
+
+
 def _guarded(device: torch.device, measure, *args) -> dict | list:
     """A row, or why there is none (out of memory is a result at long context, not a crash)."""
     try:
@@ -312,6 +360,13 @@ def bench_model(name: str, model: nn.Module, cfg: InferBenchConfig, device: torc
             _say(f"{name}: decode batch {batch} after {context} tokens")
             rows["decode"].append({"batch": batch, "context": context,
                                    **_guarded(device, measure_decode, model, batch, context, cfg, device, bandwidth)})
+    if cfg.largest_batch and device.type != "cuda":
+        _say(f"{name}: --largest-batch needs a CUDA device (it probes GPU memory); skipped")
+    if cfg.largest_batch and device.type == "cuda":
+        for context in cfg.decode_contexts:
+            _say(f"{name}: decode at the largest batch that fits after {context} tokens")
+            rows["decode"].append({"context": context, "largest": True,
+                                   **measure_largest_batch(model, context, cfg, device, bandwidth)})
     if isinstance(model, HybridForCausalLM) and cfg.verify_tokens:
         rows["verify"] = []
         context = cfg.decode_contexts[0]
@@ -379,10 +434,12 @@ def format_table(report: dict) -> str:
         rows = [res[m]["decode"][i] for m in models]
         roof = row.get("roofline_tokens_per_s")
         share = f"{row['tokens_per_s'] / roof:.0%}" if roof and "tokens_per_s" in row else "-"
+        largest = " (largest batch each fits: " + ", ".join(f"{m} {r['batch']}" for m, r in zip(
+            models, rows, strict=True)) + ")" if row.get("largest") else ""
         lines.append(f"  batch {row['batch']:>3} ctx {row['context']:>6} " + "".join(
             f"{_cell(r, 'tokens_per_s', ',.1f'):>14}" for r in rows) + f"{_cell(row, 'speed_vs_source', '.2f'):>10}"
             f"{_cell(row, 'roofline_tokens_per_s', ',.0f'):>10}{share:>9}"
-            f"{_cell(row, 'dynamic_tokens_per_s', ',.1f'):>10}")
+            f"{_cell(row, 'dynamic_tokens_per_s', ',.1f'):>10}{largest}")
     verify = res["hybrid"].get("verify")
     if verify:
         lines.append(f"verify step (static cache)        {'ms':>10}{'1-token ms':>12}{'× 1-token':>11}"
