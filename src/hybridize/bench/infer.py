@@ -253,7 +253,7 @@ def measure_verify(model: nn.Module, batch: int, context: int, cfg: InferBenchCo
 
         ms, rollback_ms = _step_ms(verify, cfg.new_tokens, device, after=rollback)
         rows.append({"batch": batch, "context": context, "tokens": T, "ms_per_step": round(ms, 4),
-                     "one_token_ms": round(one_ms, 4), "vs_one_token": round(ms / one_ms, 3),
+                     "one_token_ms": round(one_ms, 4), "vs_one_token": _ratio(ms, one_ms),
                      "rollback_ms": round(rollback_ms, 4)})
     return rows
 
@@ -399,13 +399,18 @@ def run_infer_bench(cfg: InferBenchConfig) -> dict:
             "results": results}
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b to 4 significant digits: a fixed number of decimals would lose most of a small ratio's digits."""
+    return float(f"{a / b:.4g}")
+
+
 def _add_ratios(results: dict) -> None:
     for part in ("prefill", "decode"):
         for mine, theirs in zip(results["hybrid"][part], results["source"][part], strict=True):
             if "tokens_per_s" in mine and "tokens_per_s" in theirs:
-                mine["speed_vs_source"] = round(mine["tokens_per_s"] / theirs["tokens_per_s"], 3)
+                mine["speed_vs_source"] = _ratio(mine["tokens_per_s"], theirs["tokens_per_s"])
             if mine.get("cache_bytes") and theirs.get("cache_bytes"):
-                mine["cache_vs_source"] = round(mine["cache_bytes"] / theirs["cache_bytes"], 3)
+                mine["cache_vs_source"] = _ratio(mine["cache_bytes"], theirs["cache_bytes"])
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
