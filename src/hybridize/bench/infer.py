@@ -270,8 +270,7 @@ def _decode_peak(model: nn.Module, batch: int, context: int, cfg: InferBenchConf
     except torch.OutOfMemoryError:
         return None
     finally:
-        del ids
-        cache = None
+        ids = cache = None  # drop this probe's tensors before the allocator is emptied
         _peak_reset(device)
 
 
@@ -362,7 +361,7 @@ def bench_model(name: str, model: nn.Module, cfg: InferBenchConfig, device: torc
                                    **_guarded(device, measure_decode, model, batch, context, cfg, device, bandwidth)})
     if cfg.largest_batch and device.type != "cuda":
         _say(f"{name}: --largest-batch needs a CUDA device (it probes GPU memory); skipped")
-    if cfg.largest_batch and device.type == "cuda":
+    elif cfg.largest_batch:
         for context in cfg.decode_contexts:
             _say(f"{name}: decode at the largest batch that fits after {context} tokens")
             rows["decode"].append({"context": context, "largest": True,
