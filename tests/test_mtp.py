@@ -519,3 +519,33 @@ def test_train_mtp_resume_misuse_is_a_one_line_error(mtp_student, tmp_path, caps
     assert (out.parent / "out.partial" / "checkpoints" / "step_2").is_dir()  # refusals leave the run as it was
     assert main(_train_mtp_args(mtp_student, out, 3, "--force")) == 0
     assert (out / "model.safetensors").is_file() and not (out.parent / "out.partial").exists()
+
+
+# ------------------------------------------------------------------------------------- bench --speculative
+
+
+def test_bench_speculative_is_lossless_and_counts_acceptance(mtp_student, tmp_path, capsys):
+    """`hybridize bench --speculative` decodes the same prompts plainly and with the heads' drafts: in float32 on
+    the CPU every row is identical, tokens per verify lies in [1, drafts + 1] and equals the decoder's own count;
+    a model without heads and a missing --data are one-line errors."""
+    from hybridize.cli import main
+
+    model = tmp_path / "with_heads"
+    assert main(_train_mtp_args(mtp_student, model, 30)) == 0
+    student, data = mtp_student
+    report_path = tmp_path / "spec.json"
+    capsys.readouterr()
+    args = ["bench", "--speculative", str(model), "--data", str(data), "--decode-batches", "1,3", "--draft-tokens",
+            "2", "--prompt-tokens", "12", "--new-tokens", "10", "--prompts", "3", "--json", str(report_path)]
+    assert main(args) == 0
+    assert "tok/verify" in capsys.readouterr().out
+    rows = json.loads(report_path.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["identical_rows"] == r["rows"] == 3 and r["first_divergence"] is None
+        assert 1.0 <= r["tokens_per_verify"] <= 3.0 and r["speedup"] > 0
+    assert rows[0]["tokens_per_verify"] == rows[1]["tokens_per_verify"]  # same prompts, same drafts per row
+    assert main(["bench", "--speculative", str(student), "--data", str(data)]) == 2
+    assert "no MTP heads" in _one_line_error(capsys)
+    assert main(["bench", "--speculative", str(model)]) == 2
+    assert "--data" in _one_line_error(capsys)

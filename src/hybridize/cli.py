@@ -16,6 +16,7 @@
     hybridize analyze-layers MODEL --data PATH [--tokens N] [--seq-len N] [--json FILE]
     hybridize train-etd MODEL OUT --data PATH [--part routers|experts] [--steps N] [--split E,K,D] [--resume]
     hybridize bench --train [--shape qwen3-8b|smollm2|tiny] [--seq-len N] [--gpus N] [--json FILE]
+    hybridize bench --speculative MODEL --data PATH [PATH ...] [--decode-batches 1,8] [--draft-tokens 3]
     hybridize corpus OUT [--sources NAME ...] [--holdout NAME] [--val-fraction 0.01] [--max-mb-per-source N] [--list]
 
 User mistakes (bad flags, unsupported or broken sources, an existing output) print one line,
@@ -869,16 +870,29 @@ def add_bench_parser(sub) -> None:
         "and tokens with the real shapes; bf16 on CUDA, float32 on a CPU. Prints a table; --json writes every number.",
     )
     p.add_argument("--train", action="store_true", help="the training-step benchmark instead of inference")
+    p.add_argument("--speculative", metavar="MODEL",
+                   help="speculative decoding instead: MODEL (a hybridize folder with MTP heads) decodes prompts "
+                   "from --data greedily with its heads' drafts and plainly, on the same engine (static cache, "
+                   "CUDA graphs on CUDA); tok/s of both, tokens per verify step, and whether the outputs are equal")
+    p.add_argument("--data", nargs="+", default=[], metavar="PATH",
+                   help="--speculative: text the prompts come from (any format distill reads); each path gives its "
+                   "own rows")
+    p.add_argument("--draft-tokens", type=_positive_int, default=3,
+                   help="--speculative: drafts per verify step [default: 3]")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=256,
+                   help="--speculative: tokens per prompt [default: 256]")
+    p.add_argument("--prompts", type=_positive_int, default=16,
+                   help="--speculative: prompts per data path and batch size [default: 16]")
     p.add_argument("--shape", choices=SHAPES, default=d.shape,
                    help=f"model shapes: Qwen3-8B, SmolLM2-135M or a tiny CPU-sized Qwen3 [default: {d.shape}]")
     p.add_argument("--prefill-lengths", type=_lengths, default=[], metavar="LENGTHS",
                    help="inference: prompt lengths to prefill, e.g. 4k,32k,128k [default: 4k,32k,128k; tiny: 128,512]")
     p.add_argument("--decode-batches", type=_lengths, default=[], metavar="N,..",
-                   help="inference: decode batch sizes [default: 1,32; tiny: 1,4]")
+                   help="inference: decode batch sizes [default: 1,32; tiny: 1,4; --speculative: 1,8]")
     p.add_argument("--decode-contexts", type=_lengths, default=[], metavar="LENGTHS",
                    help="inference: context before decoding, e.g. 1k,32k [default: 1k,32k; tiny: 64]")
     p.add_argument("--new-tokens", type=_int, default=0,
-                   help="inference: timed decode steps per row [default: 64; tiny: 8]")
+                   help="inference: timed decode steps per row [default: 64; tiny: 8; --speculative: 128]")
     p.add_argument("--repeats", type=_positive_int, default=3, help="inference: timed prefills (median) [default: 3]")
     p.add_argument("--no-dynamic", dest="compare_dynamic", action="store_false",
                    help="inference: time the hybrid's decoding only on its static cache (the CUDA-graph step), not "
@@ -950,12 +964,31 @@ def _cmd_bench_infer(args) -> int:
     return 0
 
 
+def _cmd_bench_speculative(args) -> int:
+    from .bench.speculative import SpeculativeBenchConfig, format_table, run_speculative_bench
+
+    if args.train or args.gpus > 1:
+        raise HybridizeError("--speculative runs on one device; it does not combine with --train or --gpus")
+    config = SpeculativeBenchConfig(model=args.speculative, data=args.data, batches=args.decode_batches or [1, 8],
+                                    draft_tokens=args.draft_tokens, prompt_tokens=args.prompt_tokens,
+                                    new_tokens=args.new_tokens or 128, prompts=args.prompts, seed=args.seed)
+    report = run_speculative_bench(config)
+    print(format_table(report))
+    if args.json:
+        _write_json(args.json, report)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from dataclasses import fields
 
     from .bench.train import TrainBenchConfig, format_table, run_train_bench
     from .train.parallelize import shutdown_distributed
 
+    if args.speculative:
+        return _cmd_bench_speculative(args)
+    if args.data:
+        raise HybridizeError("--data is for --speculative (the prompts' text); the other benchmarks use random tokens")
     if not args.train:
         return _cmd_bench_infer(args)
     if args.gpus > 1 and "RANK" not in os.environ:
