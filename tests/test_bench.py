@@ -144,3 +144,34 @@ def test_largest_decode_batch_predicts_then_probes_down():
     assert fits_one == 1
     linear = largest_decode_batch(None, 1024, None, "cpu", capacity, lambda m, b, *a: 10_000 + 1_000 * b)
     assert linear == 88  # the prediction fits: no further probes
+
+
+def test_bench_infer_json_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    """--json is rewritten after every row: a run interrupted in its second decode row leaves a readable report
+    with the prefill rows and the first decode row, marked incomplete; a finished run is marked complete."""
+    from hybridize.bench import infer
+
+    real, calls = infer.measure_decode, []
+
+    def stop_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what SIGTERM from a time limit becomes in the CLI
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "measure_decode", stop_on_second)
+    out = tmp_path / "cut.json"
+    args = ["bench", "--shape", "tiny", "--prefill-lengths", "16,24", "--decode-batches", "1,2", "--decode-contexts",
+            "16", "--new-tokens", "2", "--repeats", "1", "--against", "none", "--no-dynamic", "--json", str(out)]
+    assert main(args) != 0
+    report = json.loads(out.read_text())
+    hybrid = report["results"]["hybrid"]
+    assert report["complete"] is False
+    assert [r["length"] for r in hybrid["prefill"]] == [16, 24]
+    assert all(r["tokens_per_s"] > 0 for r in hybrid["prefill"])
+    assert [r["batch"] for r in hybrid["decode"]] == [1]
+    assert not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.setattr(infer, "measure_decode", real)
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and [r["batch"] for r in report["results"]["hybrid"]["decode"]] == [1, 2]

@@ -938,14 +938,20 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--gpus", type=_positive_int, default=1,
                    help="--train: GPUs of this host (re-launches itself under torchrun when > 1) [default: 1]")
     p.add_argument("--seed", type=_int, default=d.seed, help=f"weights and tokens seed [default: {d.seed}]")
-    p.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the full report as JSON; inference and --speculative "
+                   "rewrite it after every row (\"complete\": false until the end), so a run cut short keeps its rows")
     p.set_defaults(func=cmd_bench)
 
 
 def _write_json(path: str, report: dict) -> None:
+    """Write `report` whole or not at all (a temporary file renamed into place): benchmarks rewrite it after every
+    row, and a run killed mid-write must still leave the previous version readable."""
     from pathlib import Path
 
-    Path(path).write_text(json.dumps(json_safe(report), indent=2) + "\n")
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(report), indent=2) + "\n")
+    os.replace(tmp, target)
 
 
 def _cmd_bench_infer(args) -> int:
@@ -959,10 +965,8 @@ def _cmd_bench_infer(args) -> int:
         config = InferBenchConfig(**{f.name: getattr(args, f.name) for f in fields(InferBenchConfig)})
     except ValueError as e:
         raise HybridizeError(str(e)) from None
-    report = run_infer_bench(config)
+    report = run_infer_bench(config, save=(lambda r: _write_json(args.json, r)) if args.json else lambda r: None)
     print(format_table(report))
-    if args.json:
-        _write_json(args.json, report)
     return 0
 
 
@@ -974,10 +978,8 @@ def _cmd_bench_speculative(args) -> int:
     config = SpeculativeBenchConfig(model=args.speculative, data=args.data, batches=args.decode_batches or [1, 8],
                                     draft_tokens=args.draft_tokens, prompt_tokens=args.prompt_tokens,
                                     new_tokens=args.new_tokens or 128, prompts=args.prompts, seed=args.seed)
-    report = run_speculative_bench(config)
+    report = run_speculative_bench(config, save=(lambda r: _write_json(args.json, r)) if args.json else lambda r: None)
     print(format_table(report))
-    if args.json:
-        _write_json(args.json, report)
     return 0
 
 

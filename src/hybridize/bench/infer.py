@@ -345,57 +345,71 @@ def profile_decode_step(model: nn.Module, cfg: InferBenchConfig, device: torch.d
     return {"context": context, **_profiled(lambda: (model(input_ids=token, cache=cache), _sync(device)))}
 
 
-def bench_model(name: str, model: nn.Module, cfg: InferBenchConfig, device: torch.device, bandwidth: float) -> dict:
-    rows = {"prefill": [], "decode": []}
+def bench_model(name: str, model: nn.Module, cfg: InferBenchConfig, device: torch.device, bandwidth: float,
+                rows: dict, save=lambda: None) -> None:
+    """Fill `rows` (the model's part of the report) row by row, calling `save()` after each: a run cut short by a
+    time limit keeps what it measured."""
+
+    def add(part: str, row: dict | list) -> None:
+        rows.setdefault(part, [])
+        rows[part] += row if isinstance(row, list) else [row]
+        save()
+
+    rows.setdefault("prefill", [])
+    rows.setdefault("decode", [])
     for length in cfg.prefill_lengths:
         _say(f"{name}: prefill {length} tokens")
-        rows["prefill"].append({"length": length, **_guarded(device, measure_prefill, model, length, cfg, device)})
+        add("prefill", {"length": length, **_guarded(device, measure_prefill, model, length, cfg, device)})
     if cfg.profile and device.type == "cuda":  # after the timed rows: kernels compiled and autotuned, not profiled
+        _say(f"{name}: profile")
         rows["profile"] = _guarded(device, profile_prefill, model, cfg.prefill_lengths[0], cfg, device)
         if isinstance(model, HybridForCausalLM):
             rows["profile_decode"] = _guarded(device, profile_decode_step, model, cfg, device)
+        save()
     for context in cfg.decode_contexts:
         for batch in cfg.decode_batches:
             _say(f"{name}: decode batch {batch} after {context} tokens")
-            rows["decode"].append({"batch": batch, "context": context,
-                                   **_guarded(device, measure_decode, model, batch, context, cfg, device, bandwidth)})
+            add("decode", {"batch": batch, "context": context,
+                           **_guarded(device, measure_decode, model, batch, context, cfg, device, bandwidth)})
     if cfg.largest_batch and device.type != "cuda":
         _say(f"{name}: --largest-batch needs a CUDA device (it probes GPU memory); skipped")
     elif cfg.largest_batch:
         for context in cfg.decode_contexts:
             _say(f"{name}: decode at the largest batch that fits after {context} tokens")
-            rows["decode"].append({"context": context, "largest": True,
-                                   **measure_largest_batch(model, context, cfg, device, bandwidth)})
+            add("decode", {"context": context, "largest": True,
+                           **measure_largest_batch(model, context, cfg, device, bandwidth)})
     if isinstance(model, HybridForCausalLM) and cfg.verify_tokens:
-        rows["verify"] = []
         context = cfg.decode_contexts[0]
         for batch in cfg.decode_batches:
             _say(f"{name}: verify steps of {cfg.verify_tokens} tokens, batch {batch} after {context} tokens")
             found = _guarded(device, measure_verify, model, batch, context, cfg, device)
-            rows["verify"] += found if isinstance(found, list) else [
-                {"batch": batch, "context": context, "tokens": T, **found} for T in cfg.verify_tokens]
-    return rows
+            add("verify", found if isinstance(found, list) else [
+                {"batch": batch, "context": context, "tokens": T, **found} for T in cfg.verify_tokens])
 
 
-def run_infer_bench(cfg: InferBenchConfig) -> dict:
-    """Every row for the hybrid and (against='source') transformers' source model; ratios hybrid / source."""
+def run_infer_bench(cfg: InferBenchConfig, save=lambda report: None) -> dict:
+    """Every row for the hybrid and (against='source') transformers' source model; ratios hybrid / source.
+    `save(report)` gets the report so far after every row (`complete` False until the end)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     note_if_slow_path(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(cfg.seed)
     bandwidth = copy_bandwidth(device)
-    results = {}
+    results: dict = {}
+    report = {"config": asdict(cfg), "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+              "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "versions": versions(), "kernels": fla_status(),
+              "complete": False, "results": results}
     for kind in ["hybrid"] + (["source"] if cfg.against == "source" else []):
         model = build(kind, cfg.shape, dtype, device).eval()
-        results[kind] = {"weights_gb": round(weight_bytes_read(model) / 1e9, 3),
-                         **bench_model(kind, model, cfg, device, bandwidth)}
+        results[kind] = {"weights_gb": round(weight_bytes_read(model) / 1e9, 3)}
+        bench_model(kind, model, cfg, device, bandwidth, results[kind], lambda: save(report))
         del model
         _peak_reset(device)
     if "source" in results:
         _add_ratios(results)
-    return {"config": asdict(cfg), "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
-            "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "versions": versions(), "kernels": fla_status(),
-            "results": results}
+    report["complete"] = True
+    save(report)
+    return report
 
 
 def _ratio(a: float, b: float) -> float:

@@ -136,8 +136,9 @@ def measure_speculative(model, prompts: torch.Tensor, batch: int, cfg: Speculati
     return row
 
 
-def run_speculative_bench(cfg: SpeculativeBenchConfig, progress: bool = True) -> dict:
-    """Every (data path, batch) row; see the module docstring."""
+def run_speculative_bench(cfg: SpeculativeBenchConfig, progress: bool = True, save=lambda report: None) -> dict:
+    """Every (data path, batch) row; see the module docstring. `save(report)` gets the report so far after every
+    row (`complete` False until the end)."""
     from ..train.config import DistillConfig
     from ..train.data import tokenize_corpus
     from ..train.models import load_language_model, load_tokenizer
@@ -153,7 +154,10 @@ def run_speculative_bench(cfg: SpeculativeBenchConfig, progress: bool = True) ->
     tokenizer = load_tokenizer(cfg.model)
     eos = model.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos if eos is not None else tokenizer.eos_token_id
-    rows = []
+    rows: list[dict] = []
+    report = {"config": asdict(cfg), "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+              "cache": cache, "versions": versions(), "kernels": fla_status(),
+              "num_predict_tokens": model.config.num_predict_tokens, "complete": False, "rows": rows}
     for path in cfg.data:
         tokens = tokenize_corpus([path], tokenizer, eos, progress=False, vocab_size=model.lm_head.weight.shape[0])
         for batch in cfg.batches:
@@ -162,9 +166,10 @@ def run_speculative_bench(cfg: SpeculativeBenchConfig, progress: bool = True) ->
             if progress:
                 print(f"hybridize bench: {path}: batch {batch}, {count} prompts", file=sys.stderr, flush=True)
             rows.append({"data": path, **measure_speculative(model, prompts, batch, cfg, device, cache)})
-    return {"config": asdict(cfg), "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
-            "cache": cache, "versions": versions(), "kernels": fla_status(),
-            "num_predict_tokens": model.config.num_predict_tokens, "rows": rows}
+            save(report)
+    report["complete"] = True
+    save(report)
+    return report
 
 
 def format_table(report: dict) -> str:
