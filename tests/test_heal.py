@@ -242,3 +242,35 @@ def test_user_mistakes_are_one_line(workspace, tmp_path, capsys, monkeypatch, ca
     assert expected[case] in err
     if case in ("nothing_to_resume", "missing_data", "hybrid_source", "torchrun", "contradiction"):
         assert not out.exists()
+
+
+def test_resume_during_the_evaluation_keeps_its_finished_pieces(workspace, tmp_path, monkeypatch):
+    """Killed after the first evaluation piece (the healed model on val), a resumed run evaluates only the fresh
+    conversion, and its eval.json equals an uninterrupted run's evaluation of the same model."""
+    from hybridize.train import run as run_module
+
+    real, calls = run_module.run_eval, []
+
+    def dies_on_second(model, *args, **kwargs):
+        calls.append(Path(model).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_eval", dies_on_second)
+    stages = ["--tokens", "256", "--no-calibrate"]
+    out = tmp_path / "out"
+    assert _heal(workspace, out, *stages) != 0
+    state = json.loads((out / "heal.json").read_text())
+    assert "eval" not in state["done"] and list(state["eval_in_progress"]["result"]["data"]) == [
+        str(workspace / "val.jsonl")]
+    monkeypatch.setattr(run_module, "run_eval", lambda model, *a, **k: (calls.append(Path(model).name),
+                                                                       real(model, *a, **k))[1])
+    assert _heal(workspace, out, *stages, "--resume") == 0
+    assert calls == ["final", "hybrid", "hybrid"]  # the healed model's piece was not computed again
+    state = json.loads((out / "heal.json").read_text())
+    assert "eval_in_progress" not in state
+    val = str(workspace / "val.jsonl")
+    again = real(str(out / "final"), [val], str(workspace / "teacher"), seq_len=32, max_tokens=512, progress=False)
+    assert state["done"]["eval"]["data"][val]["kl"] == pytest.approx(again["kl"], rel=1e-6)
+    assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(state["done"]["eval"]))

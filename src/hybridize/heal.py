@@ -11,7 +11,8 @@
 
 Every stage is a `hybridize distill` run in its own folder (checkpoints, metrics.jsonl, curves.png), started from
 the previous stage's `final`. OUT/heal.json records the settings and each finished stage; `resume` skips finished
-stages and continues the one in progress from its last checkpoint, so a crash loses at most --save-every steps.
+stages and continues the one in progress from its last checkpoint, so a crash loses at most --save-every steps;
+the evaluation keeps each finished piece (one model on one eval path, the passkey grid) and resumes with the rest.
 With gpus > 1 each training stage runs as `torchrun --nproc-per-node GPUS -m hybridize distill ...`.
 """
 
@@ -276,17 +277,33 @@ def _link_final(model_dir: Path, out: Path) -> None:
                     shutil.copy2(f, tmp / f.name)
 
 
-def _evaluate(job: HealJob, model_dir: Path, progress: bool) -> dict:
+def _eval_settings(job: HealJob) -> dict:
+    """What an evaluation's numbers depend on besides the models: a partial evaluation is reused only under these."""
+    return {"eval_data": job.eval_data, "eval_tokens": job.heal.eval_tokens, "seq_len": job.distill.seq_len,
+            "dtype": job.distill.dtype, "eval_passkey": job.heal.eval_passkey,
+            "passkey_trials": job.heal.passkey_trials, "seed": job.distill.seed}
+
+
+def _evaluate(job: HealJob, model_dir: Path, progress: bool, partial: dict, save) -> dict:
+    """The evaluation of the healed model (and of the fresh conversion, the 0-token point), built piece by piece
+    in `partial` with `save()` after each piece: a run killed while evaluating keeps what it finished, and
+    `--resume` computes only the rest."""
     from .train.run import run_eval
 
-    result: dict = {"model": str(model_dir), "teacher": job.source, "data": {}, "fresh": {}}
-    for path in job.eval_data:  # the healed model, and the fresh conversion for the 0-token point
+    if partial.get("settings") != _eval_settings(job):
+        partial.clear()
+        partial["settings"] = _eval_settings(job)
+    result = partial.setdefault("result", {"model": str(model_dir), "teacher": job.source, "data": {}, "fresh": {}})
+    for path in job.eval_data:
         for key, folder in (("data", model_dir), ("fresh", job.out / "hybrid")):
+            if path in result[key]:
+                continue
             _say(f"eval of {folder.name} on {path}")
             result[key][path] = run_eval(str(folder), [path], teacher=job.source, seq_len=job.distill.seq_len,
                                          max_tokens=job.heal.eval_tokens, dtype=job.distill.dtype,
                                          chunk_tokens=job.distill.chunk_tokens, progress=progress)
-    if job.heal.eval_passkey:
+            save()
+    if job.heal.eval_passkey and "passkey" not in result:
         from .evals.runner import LongContextConfig, run_longctx
 
         _say(f"passkey at {', '.join(map(str, job.heal.eval_passkey))} tokens")
@@ -294,6 +311,7 @@ def _evaluate(job: HealJob, model_dir: Path, progress: bool) -> dict:
                                    seed=job.distill.seed, dtype=job.distill.dtype)
         passkey = run_longctx(str(model_dir), config, teacher=job.source, progress=progress)
         result["passkey"] = {k: passkey[k] for k in ("lengths", "depths", "trials", "results")}
+        save()
     return result
 
 
@@ -343,8 +361,10 @@ def run_heal(job: HealJob, resume: bool = False, override: bool = False, progres
         finish("final", {"from": str(model), "path": str(job.out / "final")})
     if "eval" in plan and "eval" not in done:
         _say(f"[{len(plan)}/{len(plan)}] eval of {job.out / 'final'} against {job.source}")
-        evaluation = _evaluate(job, job.out / "final", progress)
+        partial = state.setdefault("eval_in_progress", {})
+        evaluation = _evaluate(job, job.out / "final", progress, partial, lambda: _write_state(job.out, state))
         _write_json(job.out / "eval.json", evaluation)
+        del state["eval_in_progress"]
         finish("eval", evaluation)
     state["seconds"] = round(state.get("seconds", 0) + time.perf_counter() - start, 1)
     _write_state(job.out, state)
