@@ -158,7 +158,25 @@ def fix_zridge(student, arg):
     return student
 
 
-FIXES = {"none": fix_none, "lrla": fix_lr_groups, "zridge": fix_zridge}
+def fix_rescale(student, arg):
+    """Function-preserving: scale a DeltaNet layer's input norm (1 + w) by s = 1 / rms(its mixer input) and divide
+    the mixer's input projections (qkv, z, a, b: linear, no bias; the conv is linear too) by s, so the mixer sees
+    inputs of rms 1 and its projections have ordinary sizes. ARG: comma-separated layers [default: 0]."""
+    layers = [int(i) for i in (arg or "0").split(",")]
+    ids = batches(ARGS.tokens, 1, 4, ARGS.seq_len, ARGS.seed + 1000)[0]
+    stats = activation_stats(student, ids)
+    with torch.no_grad():
+        for i in layers:
+            layer = student.model.layers[i]
+            gdn, s = layer.linear_attn, 1.0 / stats[i]["rms_in"]
+            layer.input_layernorm.weight.copy_(s * (1.0 + layer.input_layernorm.weight.float()) - 1.0)
+            for proj in (gdn.in_proj_qkv, gdn.in_proj_z, gdn.in_proj_a, gdn.in_proj_b):
+                proj.weight.div_(s)
+            print(f"  rescale layer {i}: s = {s:.2f}", flush=True)
+    return student
+
+
+FIXES = {"none": fix_none, "lrla": fix_lr_groups, "zridge": fix_zridge, "rescale": fix_rescale}
 
 
 def optimizer(student, lr):
