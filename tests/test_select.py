@@ -84,3 +84,32 @@ def test_cli_writes_json_and_refuses_bad_input(source_and_text, tmp_path, capsys
         assert len(err) == 1 and needle in err[0], err
     with pytest.raises(HybridizeError, match="does not exist"):
         select_attention_layers(str(folder), SelectConfig(data=[str(tmp_path / "nope.txt")]), progress=False)
+
+
+def test_passkey_scores_are_kl_at_the_answer_tokens(source_and_text):
+    """--method passkey: per layer, KL(teacher ‖ that single-layer conversion) averaged over the key's tokens of
+    the passkey prompts only, checked against full forwards of a real conversion for two layers."""
+    from hybridize.transfer.select import _passkey_batches
+
+    folder, text = source_and_text
+    cfg = SelectConfig(keep=2, method="passkey", tokens=3 * 96, seq_len=96, data=[str(text)])
+    report = select_attention_layers(str(folder), cfg, progress=False)
+    scores = report["scores"]
+    assert len(scores) == LAYERS and max(scores) > 1e-4
+    batches = _passkey_batches(str(folder), cfg)
+    assert len(batches) == 3 and all(ids.shape[1] <= 96 + 8 for ids, _ in batches)
+    assert all(int((t != -100).sum()) >= 1 for _, t in batches)
+    teacher = load_language_model(folder, torch.float32)
+    for j in (1, LAYERS - 2):
+        hybrid = create_hybrid_from_qwen3(folder, HybridAttentionConfig(
+            attention_layers=[i for i in range(LAYERS) if i != j]), dtype=torch.float32).eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for ids, targets in batches:
+                at = targets[0] != -100
+                lt = torch.log_softmax(teacher(ids).logits[0, at].double(), -1)
+                ls = torch.log_softmax(hybrid(ids).logits[0, at].double(), -1)
+                total += float((lt.exp() * (lt - ls)).sum())
+                count += int(at.sum())
+        assert scores[j] == pytest.approx(total / count, rel=1e-4, abs=1e-6)
+    assert report["attention_layers"] == sorted(sorted(range(LAYERS), key=lambda i: -scores[i])[:2])

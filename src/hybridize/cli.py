@@ -12,7 +12,7 @@
                         [--save-every N] [--stop-at STEP] [--resume]
     hybridize plot RUN_DIR | EVAL.json
     hybridize heal SOURCE OUT --data PATH [PATH ...] [--tokens 50M] [--eval-data PATH ...] [--resume]
-    hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|proxy]
+    hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|passkey|proxy]
     hybridize analyze-layers MODEL --data PATH [--tokens N] [--seq-len N] [--json FILE]
     hybridize train-etd MODEL OUT --data PATH [--part routers|experts] [--steps N] [--split E,K,D] [--resume]
     hybridize bench --train [--shape qwen3-8b|smollm2|tiny] [--seq-len N] [--gpus N] [--json FILE]
@@ -657,7 +657,8 @@ def add_select_parser(sub) -> None:
         help="choose which layers keep softmax attention (KL-guided or a cheap proxy)",
         description="Score every layer of SOURCE on --data and print (JSON) the --keep layers that should stay "
         "softmax attention, with the flag to pass to `hybridize convert`. kl: KL(teacher || teacher with only that "
-        "layer converted to Gated DeltaNet) per token; proxy: the teacher's attention mass beyond --window tokens. "
+        "layer converted to Gated DeltaNet) per token; passkey: the same KL at the answer tokens of passkey prompts "
+        "made from --data (the layers retrieval needs); proxy: the teacher's attention mass beyond --window tokens. "
         "Runs on the GPU when there is one (kl on a 135M model: ~30 min on 2 CPU cores).",
     )
     p.add_argument("source", metavar="SOURCE", help="the model to convert: folder, hub id or .gguf file")
@@ -666,9 +667,9 @@ def add_select_parser(sub) -> None:
                    help="layers that keep attention [default: as many as the 3:1 pattern keeps]")
     p.add_argument("--method", choices=METHODS, default=d.method, help=f"scoring method [default: {d.method}]")
     p.add_argument("--tokens", type=_count, default=d.tokens,
-                   help=f"tokens of --data to score on [default: {d.tokens}]")
+                   help=f"tokens of --data to score on (passkey: --tokens / --seq-len prompts) [default: {d.tokens}]")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
-                   help=f"tokens per window [default: {d.seq_len}]")
+                   help=f"tokens per window (passkey: per prompt) [default: {d.seq_len}]")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help=f"windows per forward pass [default: {d.batch_size}]")
     p.add_argument("--window", type=_positive_int, default=d.window,

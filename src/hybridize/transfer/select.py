@@ -8,6 +8,9 @@ KL-guided selection (arXiv 2512.20569) beats it at equal training tokens. Two me
   gives a calibrated answer). The K layers whose conversion costs the most KL keep attention. The teacher is
   transformers' own model of the source, the probe an exact all-attention conversion with one decoder layer
   swapped at a time (about L/2 forward passes per batch).
+- `passkey`: the same KL, but only at the answer tokens of passkey prompts (a 5-digit key hidden in filler from the
+  data at depths spread over 0-100 %, the question, then the key, teacher-forced): the layers whose attention the
+  teacher needs to retrieve. General text barely exercises retrieval, so `kl` can rank a retrieval layer low.
 - `proxy`: no probe model, one teacher forward with attention weights: the importance of a layer is the share of
   its attention mass on keys more than `window` tokens back (averaged over heads and queries). Linear attention
   keeps a decaying summary and handles recency well; far, sharp retrieval is what it loses. Cheap, no conversion.
@@ -28,7 +31,7 @@ from ..errors import HybridizeError
 from ..model.config import FULL
 from .config import CrossArchTransferConfig, HybridAttentionConfig
 
-METHODS = ("kl", "proxy")
+METHODS = ("kl", "passkey", "proxy")
 
 
 @dataclass
@@ -72,19 +75,43 @@ def _batches(windows: torch.Tensor, batch_size: int, device: torch.device):
     return [windows[i:i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
 
 
+def _passkey_batches(source: str, cfg: SelectConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids (1, T), targets (1, T)) per passkey prompt: `cfg.tokens // cfg.seq_len` prompts of at most
+    `cfg.seq_len` tokens with the key's needle at depths spread evenly over 0-100 %, then the key; the targets
+    are only the key's tokens (every other position is ignored)."""
+    from ..evals.longctx import TaskBuilder, load_filler
+    from ..train.losses import IGNORE_INDEX
+    from ..train.models import load_tokenizer
+
+    tokenizer = load_tokenizer(source)
+    builder = TaskBuilder(tokenizer, load_filler(cfg.data), chat=False)
+    count = max(1, cfg.tokens // cfg.seq_len)
+    out = []
+    for j in range(count):
+        sample = builder.sample("passkey", cfg.seq_len, round(100 * j / max(count - 1, 1)), j)
+        answer = list(tokenizer(" " + sample.answers[0], add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([[*sample.input_ids, *answer]])
+        targets = torch.full_like(ids, IGNORE_INDEX)
+        start = len(sample.input_ids)
+        targets[0, start - 1: start - 1 + len(answer)] = ids[0, start:]
+        out.append((ids, targets))
+    return out
+
+
 def _device() -> torch.device:
     """Where the scoring runs: the GPU when there is one (a 135M model's KL scan takes ~30 min on 2 CPU cores)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.no_grad()
-def kl_scores(source: str, windows: torch.Tensor, cfg: SelectConfig, transfer: CrossArchTransferConfig,
-              progress: bool = True) -> list[float]:
-    """Per layer, KL(teacher ‖ the conversion that makes only that layer DeltaNet), nats per token.
+def kl_scores(source: str, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: SelectConfig,
+              transfer: CrossArchTransferConfig, progress: bool = True) -> list[float]:
+    """Per layer, KL(teacher ‖ the conversion that makes only that layer DeltaNet), nats per target token of the
+    (ids, targets) batches.
 
     Layers before i are the same in both models, so each probe starts from the all-attention copy's input to
     layer i (computed once per batch) and runs only layers i..L−1: about L/2 layer passes per probe."""
-    from ..train.losses import distillation_sums, next_token_targets
+    from ..train.losses import distillation_sums
     from ..train.models import load_language_model
     from ..train.objective import final_hidden
     from .convert import create_hybrid_from_qwen3
@@ -98,9 +125,10 @@ def kl_scores(source: str, windows: torch.Tensor, cfg: SelectConfig, transfer: C
     linear_layers = create_hybrid_from_qwen3(source, as_linear, dtype=dtype).model.layers.to(device)
     sums = torch.zeros(num_layers, dtype=torch.float64)
     count = 0.0
-    bar = tqdm(total=num_layers * len(windows), desc="select-layers (kl)", unit="window", disable=not progress)
-    for batch in _batches(windows, cfg.batch_size, device):
-        targets = next_token_targets(batch)
+    bar = tqdm(total=num_layers * sum(len(b) for b, _ in batches), desc=f"select-layers ({cfg.method})",
+               unit="window", disable=not progress)
+    for batch, targets in batches:
+        batch, targets = batch.to(device), targets.to(device)
         teacher_final, _ = final_hidden(teacher, batch, None, None, with_states=False)
         _, inputs = probe.model(batch, output_hidden_states=True)  # inputs[i]: what enters layer i
         positions = torch.arange(batch.shape[1], device=device)[None].expand(batch.shape[0], -1)
@@ -156,16 +184,20 @@ def select_attention_layers(source: str, cfg: SelectConfig, transfer: CrossArchT
     keep = cfg.keep or len(uniform)
     if keep > num_layers:
         raise HybridizeError(f"--keep {keep} is more than the source's {num_layers} layers")
-    windows = _windows(source, cfg)
     transfer = transfer or CrossArchTransferConfig()
-    if cfg.method == "kl":
-        scores = kl_scores(source, windows, cfg, transfer, progress)
+    if cfg.method == "proxy":
+        windows = _windows(source, cfg)
+        scores, tokens = proxy_scores(source, windows, cfg, progress), windows.numel()
     else:
-        scores = proxy_scores(source, windows, cfg, progress)
+        from ..train.losses import next_token_targets
+
+        batches = (_passkey_batches(source, cfg) if cfg.method == "passkey" else
+                   [(b, next_token_targets(b)) for b in _batches(_windows(source, cfg), cfg.batch_size, "cpu")])
+        scores, tokens = kl_scores(source, batches, cfg, transfer, progress), sum(b.numel() for b, _ in batches)
     chosen = sorted(sorted(range(num_layers), key=lambda i: -scores[i])[:keep])
     return {
         "source": source, "method": cfg.method, "keep": keep, "attention_layers": chosen,
         "flag": "--attention-layers " + ",".join(map(str, chosen)),
         "scores": [round(s, 6) for s in scores], "uniform_attention_layers": uniform,
-        "tokens": int(windows.numel()), "seq_len": cfg.seq_len, "seconds": round(time.perf_counter() - start, 1),
+        "tokens": int(tokens), "seq_len": cfg.seq_len, "seconds": round(time.perf_counter() - start, 1),
     }
