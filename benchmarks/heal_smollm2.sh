@@ -6,7 +6,9 @@
 #
 # CORPUS: a `hybridize corpus` folder (benchmarks/build_corpus.sh): train.jsonl for training and calibration,
 # val.jsonl and holdout.jsonl (a whole source never trained on) for evaluation. VARIANT: init-layers-seed, e.g.
-# zero-uniform-0 calibrated-selected-1 [default: the four variants with seed 0, then calibrated-uniform-1]. Each
+# zero-uniform-0 calibrated-selected-1, layers one of uniform (the 3:1 pattern), selected (LAYERS, else kl), or
+# kl / passkey / proxy (`hybridize select-layers --method ...` on train.jsonl, on the GPU, cached in RUNS)
+# [default: the four variants with seed 0, then calibrated-uniform-1]. Each
 # run evaluates KL every EVAL_EVERY steps (the tokens-versus-quality curve) and passkey retrieval at the end;
 # re-running the script resumes unfinished runs and skips finished ones. On a 2-GPU host, GPU=0 and GPU=1 run two
 # variants at once (CUDA_VISIBLE_DEVICES); CONCURRENT=1 runs all the variants at once instead, as separate processes
@@ -20,14 +22,21 @@ shift 3
 variants=${*:-zero-uniform-0 calibrated-uniform-0 zero-selected-0 calibrated-selected-0 calibrated-uniform-1}
 py=${PYTHON:-python3}
 mkdir -p "$runs"
-if [ -z "${LAYERS:-}" ] && [[ "$variants" == *selected* ]]; then
-  [ -s "$runs/select.json" ] || "$py" -m hybridize select-layers "$gguf" --data "$corpus/train.jsonl" --keep 7 \
-      --method kl --json "$runs/select.json" --no-progress > /dev/null
-  LAYERS=$("$py" -c "import json, sys; print(','.join(map(str, json.load(open(sys.argv[1]))['attention_layers'])))" \
-      "$runs/select.json")
-fi
+selected() {  # METHOD -> the 7 layers `select-layers --method METHOD` keeps (cached in RUNS/select-METHOD.json)
+  local json=$runs/select-$1.json extra=()
+  [ "$1" = passkey ] && extra=(--seq-len 1024 --batch-size 1)
+  [ -s "$json" ] || "$py" -m hybridize select-layers "$gguf" --data "$corpus/train.jsonl" --keep 7 --method "$1" \
+      "${extra[@]}" --json "$json" --no-progress > /dev/null
+  "$py" -c "import json, sys; print(','.join(map(str, json.load(open(sys.argv[1]))['attention_layers'])))" "$json"
+}
 for variant in $variants; do
   IFS=- read -r init layers seed <<< "$variant"
+  case $layers in
+    uniform) ;;
+    selected) LAYERS=${LAYERS:-$(selected kl)} ;;
+    kl|passkey|proxy) ;;
+    *) echo "unknown layers '$layers' in $variant: uniform, selected, kl, passkey or proxy" >&2; exit 2 ;;
+  esac
   out=$runs/$variant
   if [ -f "$out/final/config.json" ] && grep -q '"eval"' "$out/heal.json"; then echo "== $variant: done"; continue; fi
   args=(--data "$corpus/train.jsonl" --eval-data "$corpus/val.jsonl" "$corpus/holdout.jsonl"
@@ -36,7 +45,10 @@ for variant in $variants; do
         --eval-passkey "${PASSKEY:-1k,2k,4k,8k}" --passkey-trials "${TRIALS:-5}" --seed "$seed"
         --weights-dtype bfloat16 --no-progress)
   [ "$init" = calibrated ] || args+=(--no-calibrate)
-  [ "$layers" = selected ] && args+=(--attention-layers "$LAYERS")
+  case $layers in
+    selected) args+=(--attention-layers "$LAYERS") ;;
+    kl|passkey|proxy) args+=(--attention-layers "$(selected "$layers")") ;;
+  esac
   [ -d "$out" ] && args+=(--resume)
   echo "== $variant $(date -u +%T)"
   if [ -n "${CONCURRENT:-}" ]; then
