@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import HybridizeError
+from ..ops.dispatch import fla_available
 from ..output import atomic_output_folder, copy_side_files, json_safe
 from ..transfer.config import CrossArchTransferConfig
 from .checkpoint import (
@@ -368,6 +369,10 @@ class DistillationTrainer:
             _truncate_log(run_dir / EVAL_FILE, step)
         record: dict = {"step": step, "tokens": tokens}  # what a run that is already finished reports
         bar = tqdm(total=total, initial=step, unit="step", desc="distill", disable=not (progress and env.is_main))
+        if env.is_main and step < total and env.device.type == "cuda" and fla_available():
+            print("hybridize: note: the first step compiles and autotunes fla's Triton kernels for these shapes "
+                  "(about 3 minutes for SmolLM2 on a fresh H200; cached in TRITON_CACHE_DIR, default ~/.triton/cache, "
+                  "for later runs)", file=sys.stderr)
         with StopSignals() as stop:
             end = total if cfg.stop_at is None else min(total, cfg.stop_at)
             while step < end:
