@@ -549,3 +549,19 @@ def test_bench_speculative_is_lossless_and_counts_acceptance(mtp_student, tmp_pa
     assert "no MTP heads" in _one_line_error(capsys)
     assert main(["bench", "--speculative", str(model)]) == 2
     assert "--data" in _one_line_error(capsys)
+
+
+def test_speculative_calls_reuse_the_static_cache(trained):
+    """Back-to-back `mtp_decoder.generate` calls with as many rows reuse one StaticHybridCache (reset between
+    calls, its verify-step buffers kept) and stay token-identical to `model.generate`."""
+    ids, mask = prompts()
+    trained.release_static_cache()
+    for rows in ([0], [4]):
+        got = trained.mtp_decoder.generate(ids[rows], max_new_tokens=15, num_draft_tokens=3,
+                                           cache_implementation="static")
+        assert torch.equal(got, _reference(trained, ids[rows], None, max_new_tokens=15))
+        held = trained._reusable_static_cache[1]
+        if rows == [0]:
+            first = held
+    assert held is first and held.rows == 1
+    trained.release_static_cache()

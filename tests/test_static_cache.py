@@ -171,3 +171,35 @@ def test_norm_scale_is_kept_only_while_weights_are_frozen():
         assert norm.scale() is not norm.scale()  # not frozen: computed on every call
     with frozen_weights():
         assert norm.scale().requires_grad  # autograd on: never cached
+
+
+@torch.no_grad()
+def test_generate_reuses_its_static_cache_across_calls(model):
+    """A static generate call reuses the previous call's cache (reset; the same buffers and decoding step, so on
+    CUDA the same captured graphs) when it has as many rows and room enough, and decodes exactly what the dynamic
+    cache decodes — a padded, shorter prompt after a longer one; more rows or more tokens get a new cache."""
+
+    def run(ids, mask, n, static=True):
+        out = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=n,
+                             output_scores=True, return_dict_in_generate=True,
+                             **({"cache_implementation": "static"} if static else {}))
+        return out.sequences, torch.stack(out.scores, 1), out.get("cache", out.get("past_key_values"))
+
+    model.release_static_cache()
+    g = torch.Generator().manual_seed(5)
+    long_ids, short_ids = torch.randint(1, V, (2, 11), generator=g), torch.randint(1, V, (2, 6), generator=g)
+    short_mask = torch.ones_like(short_ids)
+    short_mask[1, :2] = 0
+    _, _, first = run(long_ids, None, 9)
+    step = first.decode_step
+    seq, scores, second = run(short_ids.masked_fill(short_mask == 0, 0), short_mask, 7)
+    assert second is first and second.decode_step is step
+    ref, ref_scores, _ = run(short_ids.masked_fill(short_mask == 0, 0), short_mask, 7, static=False)
+    assert seq.tolist() == ref.tolist() and (scores - ref_scores).abs().max().item() < 1e-4
+    seq, _, third = run(long_ids, None, 9)  # the first prompt again on the reused cache: the first call's tokens
+    assert third is first and seq.tolist() == run(long_ids, None, 9, static=False)[0].tolist()
+    assert run(long_ids, None, 30)[2] is not first  # more tokens than it holds: a new cache
+    three = torch.randint(1, V, (3, 5), generator=g)
+    assert run(three, None, 4)[2].rows == 3  # more rows: a new cache
+    model.release_static_cache()
+    assert model._reusable_static_cache is None

@@ -17,7 +17,7 @@ from .cache import HybridCache
 from .config import LINEAR, HybridConfig, layer_stats
 from .decode_step import is_decode_step, static_decode
 from .layers import MLP, GatedAttention, GatedDeltaNet, GatedRMSNorm, RMSNorm, RotaryEmbedding
-from .static_cache import StaticHybridCache
+from .static_cache import StaticHybridCache, static_cache_for
 
 # transformers renamed the output's `past_key_values` field to `cache` after 5.17; generate reads whichever exists.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -236,7 +236,14 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             return parent(generation_config, model_kwargs, *args, **kwargs)
         bound = inspect.signature(parent).bind(generation_config, model_kwargs, *args, **kwargs).arguments
         length = max(bound["max_cache_length"], generation_config.max_cache_len or 0) + 1
-        model_kwargs[_CACHE_FIELD] = StaticHybridCache(self.config, length)
+        # generate expands each prompt to max(num_beams, num_return_sequences) rows after this call
+        rows = bound["batch_size"] * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        model_kwargs[_CACHE_FIELD] = static_cache_for(self, rows, length)
+
+    def release_static_cache(self) -> None:
+        """Free the StaticHybridCache that `generate(cache_implementation="static")` and `mtp_decoder.generate` keep
+        between calls (its buffers and the CUDA graphs captured on them)."""
+        self._reusable_static_cache = None
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, **kwargs):

@@ -35,7 +35,7 @@ from .config import FULL, HybridConfig
 from .decode_step import forward_new_tokens
 from .layers import RMSNorm, RotaryEmbedding
 from .modeling import HybridDecoderLayer, prepare_step
-from .static_cache import StaticHybridCache
+from .static_cache import StaticHybridCache, static_cache_for
 
 
 class MultiTokenPredictor(nn.Module):
@@ -161,7 +161,7 @@ class MTPDecoder:
         if cache_implementation not in ("static", "dynamic"):
             raise HybridizeError(f"cache_implementation is {cache_implementation!r}; it must be 'static' or "
                                  "'dynamic'")
-        cache = (StaticHybridCache(self.model.config, input_ids.shape[1] + max_new_tokens + K + 1)
+        cache = (static_cache_for(self.model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens + K + 1)
                  if cache_implementation == "static" else HybridCache(self.model.config))
         run = _Run(self.model, input_ids, attention_mask, do_sample, temperature, generator, cache)
         eos = eos_token_id if eos_token_id is not None else self.model.config.eos_token_id

@@ -150,6 +150,23 @@ class StaticHybridCache(HybridCache):
         super().crop(max_length)
         self._sync_valid()
 
+    # --- reuse across generate calls ----------------------------------------------------------------------------
+    @property
+    def rows(self) -> int | None:
+        """The batch size its buffers were allocated for (None before the first forward)."""
+        return None if self.valid is None else self.valid.shape[0]
+
+    def reset(self) -> None:
+        """Empty, as if new, but keep every buffer and the decoding step's CUDA graphs captured on them."""
+        self.conv_states.clear()  # a prefill then starts from no state; _set_linear refills the same buffers
+        self.recurrent_states.clear()
+        self.seq_length = self.last_length = 0
+        self.attention_mask = None
+        self.checkpointing = False
+        self._checkpoints = {}
+        if self.valid is not None:
+            self.valid.zero_()
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder rows in place, so that the buffers (and a captured graph) stay valid."""
         if self.attention_mask is not None:  # first: it may be a view of `valid`, which is rebuilt from it below
@@ -157,3 +174,20 @@ class StaticHybridCache(HybridCache):
         for t in super().state_tensors():
             t.copy_(t.index_select(0, beam_idx.to(t.device)))
         self._sync_valid()
+
+
+def static_cache_for(model, rows: int, max_cache_len: int) -> StaticHybridCache:
+    """The StaticHybridCache of a generate call that decodes `rows` sequences of up to `max_cache_len` tokens: the
+    cache of the model's previous call, reset, when its buffers hold as many rows and tokens on the same device and
+    dtype — so the decoding step's CUDA graphs, captured on those buffers, are replayed instead of captured again
+    (two eager steps per kind of step and call otherwise) — else a new one, kept for the next call. The kept cache
+    stays allocated between calls; `model.release_static_cache()` frees it."""
+    held = getattr(model, "_reusable_static_cache", None)
+    key = (rows, model.device, model.dtype)
+    if held is not None and held[0] == key and held[1].rows == rows and held[1].max_cache_len >= max_cache_len:
+        held[1].reset()
+        return held[1]
+    model._reusable_static_cache = None  # drop the old buffers before allocating new ones
+    cache = StaticHybridCache(model.config, max_cache_len)
+    model._reusable_static_cache = (key, cache)
+    return cache
