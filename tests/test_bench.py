@@ -175,3 +175,38 @@ def test_bench_infer_json_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatc
     assert main(args) == 0
     report = json.loads(out.read_text())
     assert report["complete"] is True and [r["batch"] for r in report["results"]["hybrid"]["decode"]] == [1, 2]
+
+
+def test_bench_a_model_folder_against_its_source(tmp_path, capsys):
+    """`hybridize bench MODEL --against SOURCE` times a converted model's real weights next to the source it came
+    from (transformers' class, its own cache); MODEL alone times the hybrid only; misuse is a one-line error."""
+    from conftest import build_tiny_source
+
+    source = build_tiny_source(tmp_path / "source", family="qwen3")
+    model = tmp_path / "hybrid"
+    assert main(["convert", str(source), str(model)]) == 0
+    out = tmp_path / "model.json"
+    small = ["--prefill-lengths", "24", "--decode-batches", "2", "--decode-contexts", "16", "--new-tokens", "2",
+             "--repeats", "1", "--no-dynamic"]
+    assert main(["bench", str(model), "--against", str(source), *small, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    hybrid, src = report["results"]["hybrid"], report["results"]["source"]
+    assert report["config"]["model"] == str(model) and report["complete"]
+    cfg = json.loads((model / "config.json").read_text())
+    layers = cfg["num_hidden_layers"]
+    n_attn = sum(t == "full_attention" for t in cfg["layer_types"])
+    kv = lambda n: 2 * n * cfg["num_key_value_heads"] * cfg["head_dim"] * 24 * 4  # noqa: E731 (K and V, fp32)
+    assert src["prefill"][0]["cache_bytes"] == kv(layers)  # the source's DynamicCache: every layer's KV
+    assert hybrid["prefill"][0]["cache_bytes"] > kv(n_attn)  # + the DeltaNet states
+    assert hybrid["prefill"][0]["speed_vs_source"] == pytest.approx(
+        hybrid["prefill"][0]["tokens_per_s"] / src["prefill"][0]["tokens_per_s"], rel=0.01)
+    assert "model " + str(model) in capsys.readouterr().out
+    assert main(["bench", str(model), *small, "--json", str(out)]) == 0
+    assert list(json.loads(out.read_text())["results"]) == ["hybrid"]
+    assert "--against SOURCE" in capsys.readouterr().err
+    for argv, needle in (([str(source), *small], "not a hybridize model folder"),
+                         (["--shape", "tiny", "--against", str(source)], "needs MODEL"),
+                         (["--train", str(model)], "MODEL and --against SOURCE are for the inference")):
+        assert main(["bench", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err

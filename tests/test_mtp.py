@@ -525,7 +525,7 @@ def test_train_mtp_resume_misuse_is_a_one_line_error(mtp_student, tmp_path, caps
 
 
 def test_bench_speculative_is_lossless_and_counts_acceptance(mtp_student, tmp_path, capsys):
-    """`hybridize bench --speculative` decodes the same prompts plainly and with the heads' drafts: in float32 on
+    """`hybridize bench MODEL --speculative` decodes the same prompts plainly and with the heads' drafts: in float32 on
     the CPU every row is identical, tokens per verify lies in [1, drafts + 1] and equals the decoder's own count;
     a model without heads and a missing --data are one-line errors."""
     from hybridize.cli import main
@@ -535,7 +535,7 @@ def test_bench_speculative_is_lossless_and_counts_acceptance(mtp_student, tmp_pa
     student, data = mtp_student
     report_path = tmp_path / "spec.json"
     capsys.readouterr()
-    args = ["bench", "--speculative", str(model), "--data", str(data), "--decode-batches", "1,3", "--draft-tokens",
+    args = ["bench", str(model), "--speculative", "--data", str(data), "--decode-batches", "1,3", "--draft-tokens",
             "2", "--prompt-tokens", "12", "--new-tokens", "10", "--prompts", "3", "--json", str(report_path)]
     assert main(args) == 0
     assert "tok/verify" in capsys.readouterr().out
@@ -545,9 +545,9 @@ def test_bench_speculative_is_lossless_and_counts_acceptance(mtp_student, tmp_pa
         assert r["identical_rows"] == r["rows"] == 3 and r["first_divergence"] is None
         assert 1.0 <= r["tokens_per_verify"] <= 3.0 and r["speedup"] > 0
     assert rows[0]["tokens_per_verify"] == rows[1]["tokens_per_verify"]  # same prompts, same drafts per row
-    assert main(["bench", "--speculative", str(student), "--data", str(data)]) == 2
+    assert main(["bench", str(student), "--speculative", "--data", str(data)]) == 2
     assert "no MTP heads" in _one_line_error(capsys)
-    assert main(["bench", "--speculative", str(model)]) == 2
+    assert main(["bench", str(model), "--speculative"]) == 2
     assert "--data" in _one_line_error(capsys)
 
 

@@ -16,7 +16,8 @@
     hybridize analyze-layers MODEL --data PATH [--tokens N] [--seq-len N] [--json FILE]
     hybridize train-etd MODEL OUT --data PATH [--part routers|experts] [--steps N] [--split E,K,D] [--resume]
     hybridize bench --train [--shape qwen3-8b|smollm2|tiny] [--seq-len N] [--gpus N] [--json FILE]
-    hybridize bench --speculative MODEL --data PATH [PATH ...] [--decode-batches 1,8] [--draft-tokens 3]
+    hybridize bench MODEL [--against SOURCE] [--prefill-lengths 4k,32k] [--decode-batches 1,32] [--json FILE]
+    hybridize bench MODEL --speculative --data PATH [PATH ...] [--decode-batches 1,8] [--draft-tokens 3]
     hybridize corpus OUT [--sources NAME ...] [--holdout NAME] [--val-fraction 0.01] [--max-mb-per-source N] [--list]
 
 User mistakes (bad flags, unsupported or broken sources, an existing output) print one line,
@@ -866,17 +867,22 @@ def add_bench_parser(sub) -> None:
         help="measure inference (prefill, decode) or, with --train, training throughput against the source model",
         description="Without --train: prefill tok/s at --prefill-lengths, greedy decode tok/s at --decode-batches x "
         "--decode-contexts with its roofline (weights + cache bytes over the measured copy bandwidth), cache size and "
-        "peak memory, for the default 3:1 hybrid of --shape and, side by side in the same process, transformers' "
-        "model of the source. With --train: time the distillation step `hybridize distill` runs (student "
+        "peak memory, for the default 3:1 hybrid of --shape (or MODEL, a hybridize folder) and, side by side in the "
+        "same process, transformers' model of the source (--against). With --speculative: MODEL's MTP speculative "
+        "decoding against its plain decoding on prompts from --data. With --train: time the distillation step "
+        "`hybridize distill` runs (student "
         "forward+backward, bf16 teacher forward, fused KD head, AdamW; FSDP2 over --gpus, or plain modules with "
         "--sharding none) for both. Random weights "
         "and tokens with the real shapes; bf16 on CUDA, float32 on a CPU. Prints a table; --json writes every number.",
     )
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="inference and --speculative: a hybridize model folder to time with its real weights "
+                   "instead of a random hybrid of --shape [default: --shape]")
     p.add_argument("--train", action="store_true", help="the training-step benchmark instead of inference")
-    p.add_argument("--speculative", metavar="MODEL",
-                   help="speculative decoding instead: MODEL (a hybridize folder with MTP heads) decodes prompts "
-                   "from --data greedily with its heads' drafts and plainly, on the same engine (static cache, "
-                   "CUDA graphs on CUDA); tok/s of both, tokens per verify step, and whether the outputs are equal")
+    p.add_argument("--speculative", action="store_true",
+                   help="speculative decoding instead: MODEL (with MTP heads) decodes prompts from --data greedily "
+                   "with its heads' drafts and plainly, on the same engine (static cache, CUDA graphs on CUDA); "
+                   "tok/s of both, tokens per verify step, and whether the outputs are equal")
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help="--speculative: text the prompts come from (any format distill reads); each path gives its "
                    "own rows")
@@ -921,8 +927,10 @@ def add_bench_parser(sub) -> None:
                    help=f"--train: untimed steps first (kernel compilation, autotuning) [default: {d.warmup}]")
     p.add_argument("--checkpointing", choices=("on", "off", "both"), default=d.checkpointing,
                    help=f"--train: activation checkpointing per block [default: {d.checkpointing}]")
-    p.add_argument("--against", choices=("source", "none"), default=d.against,
-                   help=f"also time transformers' source model (as the student with --train) [default: {d.against}]")
+    p.add_argument("--against", default=d.against, metavar="source|none|SOURCE",
+                   help="also time transformers' model of the source: 'source' = the source of --shape (as the "
+                   "student with --train), 'none', or with MODEL the model it was converted from (folder, hub id or "
+                   f".gguf) [default: {d.against}; none with MODEL]")
     p.add_argument("--no-teacher", dest="teacher", action="store_false",
                    help="--train: plain fine-tuning on cross-entropy (no teacher forward, no KD)")
     p.add_argument("--sharding", choices=SHARDINGS, default=d.sharding,
@@ -962,12 +970,18 @@ def _cmd_bench_infer(args) -> int:
 
     if args.gpus > 1:
         raise HybridizeError("the inference benchmark runs on one GPU; --gpus is for --train")
+    alone = bool(args.model) and args.against == "source"
+    if alone:
+        args.against = "none"  # nothing to compare with unless named
     try:
         config = InferBenchConfig(**{f.name: getattr(args, f.name) for f in fields(InferBenchConfig)})
     except ValueError as e:
         raise HybridizeError(str(e)) from None
     report = run_infer_bench(config, save=(lambda r: _write_json(args.json, r)) if args.json else lambda r: None)
     print(format_table(report))
+    if alone:
+        print("hybridize bench: timed MODEL alone; add --against SOURCE (the model it was converted from) for the "
+              "side-by-side rows", file=sys.stderr)
     return 0
 
 
@@ -976,7 +990,7 @@ def _cmd_bench_speculative(args) -> int:
 
     if args.train or args.gpus > 1:
         raise HybridizeError("--speculative runs on one device; it does not combine with --train or --gpus")
-    config = SpeculativeBenchConfig(model=args.speculative, data=args.data, batches=args.decode_batches or [1, 8],
+    config = SpeculativeBenchConfig(model=args.model or "", data=args.data, batches=args.decode_batches or [1, 8],
                                     draft_tokens=args.draft_tokens, prompt_tokens=args.prompt_tokens,
                                     new_tokens=args.new_tokens or 128, prompts=args.prompts, seed=args.seed)
     report = run_speculative_bench(config, save=(lambda r: _write_json(args.json, r)) if args.json else lambda r: None)
@@ -994,6 +1008,9 @@ def cmd_bench(args) -> int:
         return _cmd_bench_speculative(args)
     if args.data:
         raise HybridizeError("--data is for --speculative (the prompts' text); the other benchmarks use random tokens")
+    if args.train and (args.model or args.against not in ("source", "none")):
+        raise HybridizeError("--train times random weights of --shape; MODEL and --against SOURCE are for the "
+                             "inference benchmark")
     if not args.train:
         return _cmd_bench_infer(args)
     if args.gpus > 1 and "RANK" not in os.environ:

@@ -47,15 +47,17 @@ SMALL_SHAPES = ("tiny",)  # shapes whose default lengths are CPU-sized
 class InferBenchConfig:
     """What `hybridize bench` (without --train) measures; fields map 1:1 onto its flags. Empty lists take the
     shape's defaults: the issue's grid (4k/32k/128k prefill; batch 1 and 32 at 1k and 32k context) for real
-    shapes, a few hundred tokens for `tiny`."""
+    shapes, a few hundred tokens for `tiny`. `model` (a hybridize folder) replaces the random hybrid of `shape`
+    with real weights; `against` is then the source model to compare with (a folder, hub id or .gguf) or none."""
 
     shape: str = "qwen3-8b"
+    model: str | None = None
     prefill_lengths: list[int] = field(default_factory=list)
     decode_batches: list[int] = field(default_factory=list)
     decode_contexts: list[int] = field(default_factory=list)
     new_tokens: int = 0  # 0 = the shape's default (64 on real shapes, 8 on tiny)
     repeats: int = 3
-    against: str = "source"  # source | none
+    against: str = "source"  # source (of --shape) | none | a model (folder, hub id, .gguf)
     compare_dynamic: bool = True  # also time the hybrid's decoding on its dynamic cache
     verify_tokens: list[int] = field(default_factory=list)  # T of the timed verify steps; empty = none
     largest_batch: bool = False  # CUDA: also decode at the largest batch each model fits, per decode context
@@ -72,8 +74,12 @@ class InferBenchConfig:
                   *self.verify_tokens]
         if min(values) < 1:
             raise ValueError("lengths, batches, contexts, new tokens and repeats must all be >= 1")
-        if self.against not in ("source", "none"):
-            raise ValueError(f"against must be 'source' or 'none', got {self.against!r}")
+        if self.model and self.against == "source":
+            raise ValueError("with MODEL, --against names the model to compare with (the source it was converted "
+                             "from: folder, hub id or .gguf) or none")
+        if not self.model and self.against not in ("source", "none"):
+            raise ValueError(f"--against {self.against}: a model to compare with needs MODEL (the hybrid to time); "
+                             "with --shape it is 'source' or 'none'")
 
 
 def _sync(device: torch.device) -> None:
@@ -399,8 +405,8 @@ def run_infer_bench(cfg: InferBenchConfig, save=lambda report: None) -> dict:
     report = {"config": asdict(cfg), "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
               "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "versions": versions(), "kernels": fla_status(),
               "complete": False, "results": results}
-    for kind in ["hybrid"] + (["source"] if cfg.against == "source" else []):
-        model = build(kind, cfg.shape, dtype, device).eval()
+    for kind in ["hybrid"] + (["source"] if cfg.against != "none" else []):
+        model = _model(kind, cfg, dtype, device)
         results[kind] = {"weights_gb": round(weight_bytes_read(model) / 1e9, 3)}
         bench_model(kind, model, cfg, device, bandwidth, results[kind], lambda: save(report))
         del model
@@ -410,6 +416,21 @@ def run_infer_bench(cfg: InferBenchConfig, save=lambda report: None) -> dict:
     report["complete"] = True
     save(report)
     return report
+
+
+def _model(kind: str, cfg: InferBenchConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The hybrid or the source to time: MODEL / --against when given (real weights), else random ones of --shape."""
+    path = cfg.model if kind == "hybrid" else cfg.against
+    if not cfg.model:
+        return build(kind, cfg.shape, dtype, device).eval()
+    from ..errors import HybridizeError
+    from ..train.models import load_language_model
+
+    model = load_language_model(path, dtype, progress=False)
+    if kind == "hybrid" and not isinstance(model, HybridForCausalLM):
+        raise HybridizeError(f"{path} is not a hybridize model folder; convert it first (`hybridize convert`), or "
+                             "pass it as --against to time it next to one")
+    return model.to(device)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -436,7 +457,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 def format_table(report: dict) -> str:
     cfg, res = report["config"], report["results"]
     models = list(res)
-    lines = [f"inference, shape {cfg['shape']}, {report['dtype']}, {report['device']}, copy bandwidth "
+    what = f"model {cfg['model']}" if cfg.get("model") else f"shape {cfg['shape']}"
+    lines = [f"inference, {what}, {report['dtype']}, {report['device']}, copy bandwidth "
              f"{report['copy_bandwidth_gb_s']} GB/s, kernels: {report['kernels']}",
              "prefill (batch 1)    " + "".join(f"{m + ' tok/s':>14}" for m in models)
              + f"{'× source':>10}{'cache GB':>10}{'× source':>10}"]

@@ -1,5 +1,5 @@
 """Speculative decoding with a model's own MTP heads against its plain decoding, on real text (`hybridize bench
---speculative MODEL --data ...`).
+MODEL --speculative --data ...`).
 
 For each --data path and decode batch, the same prompts (windows of the path's token stream at seeded random
 offsets) are decoded greedily twice on the same engine:
@@ -32,7 +32,7 @@ from .common import device_name, versions
 
 @dataclass
 class SpeculativeBenchConfig:
-    """The flags of `hybridize bench --speculative`, one field each."""
+    """The flags of `hybridize bench MODEL --speculative`, one field each."""
 
     model: str = ""
     data: list[str] = field(default_factory=list)
