@@ -177,7 +177,8 @@ def test_norm_scale_is_kept_only_while_weights_are_frozen():
 def test_generate_reuses_its_static_cache_across_calls(model):
     """A static generate call reuses the previous call's cache (reset; the same buffers and decoding step, so on
     CUDA the same captured graphs) when it has as many rows and room enough, and decodes exactly what the dynamic
-    cache decodes — a padded, shorter prompt after a longer one; more rows or more tokens get a new cache."""
+    cache decodes — a padded, shorter prompt after a longer one; more rows, more tokens or far fewer tokens get a
+    new cache."""
 
     def run(ids, mask, n, static=True):
         out = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=n,
@@ -198,7 +199,9 @@ def test_generate_reuses_its_static_cache_across_calls(model):
     assert seq.tolist() == ref.tolist() and (scores - ref_scores).abs().max().item() < 1e-4
     seq, _, third = run(long_ids, None, 9)  # the first prompt again on the reused cache: the first call's tokens
     assert third is first and seq.tolist() == run(long_ids, None, 9, static=False)[0].tolist()
-    assert run(long_ids, None, 30)[2] is not first  # more tokens than it holds: a new cache
+    longer = run(long_ids, None, 30)[2]
+    assert longer is not first  # more tokens than it holds: a new cache
+    assert run(short_ids, None, 3)[2] is not longer  # far fewer (10 of 42 slots): a new, shorter one
     three = torch.randint(1, V, (3, 5), generator=g)
     assert run(three, None, 4)[2].rows == 3  # more rows: a new cache
     model.release_static_cache()

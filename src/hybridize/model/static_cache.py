@@ -178,13 +178,15 @@ class StaticHybridCache(HybridCache):
 
 def static_cache_for(model, rows: int, max_cache_len: int) -> StaticHybridCache:
     """The StaticHybridCache of a generate call that decodes `rows` sequences of up to `max_cache_len` tokens: the
-    cache of the model's previous call, reset, when its buffers hold as many rows and tokens on the same device and
-    dtype — so the decoding step's CUDA graphs, captured on those buffers, are replayed instead of captured again
-    (two eager steps per kind of step and call otherwise) — else a new one, kept for the next call. The kept cache
-    stays allocated between calls; `model.release_static_cache()` frees it."""
+    cache of the model's previous call, reset, when its buffers hold as many rows on the same device and dtype and
+    between 1 and 2 times the tokens (the captured step attends over the whole buffer under its mask, so a much
+    longer one would slow every step) — so the decoding step's CUDA graphs, captured on those buffers, are replayed
+    instead of captured again (two eager steps per kind of step and call otherwise) — else a new one, kept for the
+    next call. The kept cache stays allocated between calls; `model.release_static_cache()` frees it."""
     held = getattr(model, "_reusable_static_cache", None)
     key = (rows, model.device, model.dtype)
-    if held is not None and held[0] == key and held[1].rows == rows and held[1].max_cache_len >= max_cache_len:
+    if (held is not None and held[0] == key and held[1].rows == rows
+            and max_cache_len <= held[1].max_cache_len <= 2 * max_cache_len):
         held[1].reset()
         return held[1]
     model._reusable_static_cache = None  # drop the old buffers before allocating new ones
