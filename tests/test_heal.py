@@ -274,3 +274,31 @@ def test_resume_during_the_evaluation_keeps_its_finished_pieces(workspace, tmp_p
     again = real(str(out / "final"), [val], str(workspace / "teacher"), seq_len=32, max_tokens=512, progress=False)
     assert state["done"]["eval"]["data"][val]["kl"] == pytest.approx(again["kl"], rel=1e-6)
     assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(state["done"]["eval"]))
+
+
+def test_select_layers_chooses_the_attention_layers_before_converting(workspace, tmp_path, capsys):
+    """`heal --select-layers proxy` converts with the layers `select-layers` picks on the training text (the
+    default count of the 3:1 pattern), records the selection in heal.json; combining it with a layout flag, or
+    giving it only .npy tokens, is a one-line error."""
+    from hybridize.transfer.select import SelectConfig, select_attention_layers
+
+    out = tmp_path / "out"
+    assert _heal(workspace, out, "--tokens", "256", "--no-calibrate", "--select-layers", "proxy") == 0
+    state = json.loads((out / "heal.json").read_text())
+    chosen = state["done"]["convert"]["selection"]["attention_layers"]
+    expected = select_attention_layers(str(workspace / "teacher"), SelectConfig(
+        method="proxy", data=[str(workspace / "train.jsonl")]), progress=False)["attention_layers"]
+    assert chosen == expected and len(chosen) == 1  # 4 layers: the 3:1 pattern keeps one
+    layer_types = json.loads((out / "hybrid" / "config.json").read_text())["layer_types"]
+    assert [i for i, t in enumerate(layer_types) if t == "full_attention"] == chosen
+    capsys.readouterr()
+    assert _heal(workspace, tmp_path / "o2", "--select-layers", "kl", "--attention-layers", "1") == 2
+    assert "not both" in capsys.readouterr().err
+    tokens = tmp_path / "tokens.npy"
+    import numpy as np
+
+    np.save(tokens, np.arange(2000, dtype=np.uint16) % 100)
+    code = main(["heal", str(workspace / "teacher"), str(tmp_path / "o3"), "--data", str(tokens), "--no-calibrate",
+                 "--select-layers", "kl", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "reads text from --data" in err and "\n" not in err, err

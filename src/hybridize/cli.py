@@ -11,7 +11,8 @@
     hybridize train-mtp MODEL --data PATH [PATH ...] --out OUT [--steps N] [--batch-size N] [--seq-len N] [--lr X]
                         [--save-every N] [--stop-at STEP] [--resume]
     hybridize plot RUN_DIR | EVAL.json
-    hybridize heal SOURCE OUT --data PATH [PATH ...] [--tokens 50M] [--eval-data PATH ...] [--resume]
+    hybridize heal SOURCE OUT --data PATH [PATH ...] [--tokens 50M] [--eval-data PATH ...] [--select-layers kl]
+                   [--resume]
     hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|passkey|proxy]
     hybridize analyze-layers MODEL --data PATH [--tokens N] [--seq-len N] [--json FILE]
     hybridize train-etd MODEL OUT --data PATH [--part routers|experts] [--steps N] [--split E,K,D] [--resume]
@@ -1085,6 +1086,11 @@ def add_heal_parser(sub) -> None:
     p.add_argument("--passkey-trials", type=_positive_int, default=h.passkey_trials,
                    help=f"passkey prompts per length and depth [default: {h.passkey_trials}]")
     _add_layout_flags(p)
+    p.add_argument("--select-layers", choices=("kl", "passkey", "proxy"), default=None, metavar="METHOD",
+                   help="choose the layers that stay attention with `hybridize select-layers --method METHOD` "
+                   "(kl, passkey or proxy; as many as the 3:1 pattern keeps) on the --data text before converting, "
+                   "on the GPU when there is one; the choice and the scores go to heal.json. Replaces "
+                   "--pattern/--period/--attention-layers [default: the pattern]")
     p.add_argument("--weights-dtype", choices=list(DTYPES), default=None,
                    help="dtype of the converted and the final weights [default: the source's stored dtype]")
     add_calibrate_arguments(p, heal=True)
@@ -1130,6 +1136,8 @@ def cmd_heal(args) -> int:
     if family == "qwen3_5_text":
         raise HybridizeError(f"{args.source} is already a hybrid (qwen3_5_text); heal converts an attention model "
                              "(Qwen3 / Llama family): continue a hybrid's healing with `hybridize distill`")
+    if args.select_layers and (args.pattern, args.period, args.attention_layers) != (None, None, None):
+        raise HybridizeError("use either --select-layers or --pattern/--period/--attention-layers, not both")
     attention = _attention_config(args, source_config.num_hidden_layers)
     _resolve_mtp(args)
     transfer = CrossArchTransferConfig(source_model=args.source, hybrid_attention=attention,

@@ -51,7 +51,8 @@ class HealConfig:
     long_context_tokens > 0 adds a stage on long_seq_len windows (None = 4 × seq_len) at
     long_lr (None = a tenth of the KD stage's peak: it continues a healed model, it does not restart it).
     eval_tokens per eval path; eval_passkey: prompt lengths of a passkey check of the final model and the teacher
-    (None = none). gpus > 1 runs each training stage under torchrun.
+    (None = none). select_layers: a `select-layers` method whose choice of attention layers (on the training text)
+    replaces the transfer config's layout. gpus > 1 runs each training stage under torchrun.
     """
 
     tokens: int = 50_000_000
@@ -64,6 +65,7 @@ class HealConfig:
     eval_passkey: list[int] | None = None
     passkey_trials: int = 5
     weights_dtype: str | None = None
+    select_layers: str | None = None  # kl | passkey | proxy: choose the attention layers before converting
     gpus: int = 1
 
     def __post_init__(self):
@@ -255,15 +257,33 @@ def _run_stage(job: HealJob, stage: Stage, student: Path, run_dir: Path, data: l
     return summary
 
 
+def _select_layers(job: HealJob, progress: bool) -> dict:
+    """`select-layers --method job.heal.select_layers` on the training text (its defaults; one prompt per window
+    for passkey); the job converts with the chosen layers."""
+    from .train.data import needs_tokenizer
+    from .transfer.config import HybridAttentionConfig
+    from .transfer.select import SelectConfig, select_attention_layers
+
+    method = job.heal.select_layers
+    text = [p for p in job.data if needs_tokenizer([p])]  # check_job made sure there is some
+    cfg = SelectConfig(method=method, data=text, **({"seq_len": 1024, "batch_size": 1} if method == "passkey" else {}))
+    report = select_attention_layers(job.source, cfg, job.transfer, progress=progress)
+    job.transfer = replace(job.transfer, hybrid_attention=HybridAttentionConfig(
+        attention_layers=report["attention_layers"]))
+    return report
+
+
 def _convert(job: HealJob, progress: bool) -> dict:
     from .train.models import gguf_progress
     from .transfer.convert import convert_to_folder
 
     target = job.out / "hybrid"
+    selection = _select_layers(job, progress) if job.heal.select_layers else None
     # a convert that died after its rename but before heal.json was written: its folder is complete, redo it anyway
     with gguf_progress(progress):
-        return convert_to_folder(job.source, target, job.transfer, dtype=job.heal.weights_dtype, force=True,
-                                 progress=progress)
+        summary = convert_to_folder(job.source, target, job.transfer, dtype=job.heal.weights_dtype, force=True,
+                                    progress=progress)
+    return summary if selection is None else {**summary, "selection": selection}
 
 
 def _link_final(model_dir: Path, out: Path) -> None:
@@ -317,13 +337,18 @@ def _evaluate(job: HealJob, model_dir: Path, progress: bool, partial: dict, save
 
 def check_job(job: HealJob) -> None:
     """Mistakes found before anything is written: missing data, an OUT that is or holds an input, --sharding none
-    with --gpus > 1."""
+    with --gpus > 1, --select-layers without text."""
+    from .train.data import needs_tokenizer
     from .train.parallelize import resolve_sharding
 
     resolve_sharding(job.distill.sharding, job.heal.gpus)
     for path in [*job.data, *job.eval_data]:
         if not Path(path).expanduser().exists():
             raise HybridizeError(f"data path {path} does not exist")
+    if job.heal.select_layers and not needs_tokenizer(job.data):
+        raise HybridizeError(f"--select-layers {job.heal.select_layers} reads text from --data, which holds only "
+                             "pre-tokenized .npy arrays; pass the text, or choose the layers with `hybridize "
+                             "select-layers` and pass --attention-layers")
     check_not_an_input(job.out, [job.source, *job.data, *job.eval_data], what="OUT")
 
 
