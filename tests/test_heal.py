@@ -289,6 +289,7 @@ def test_select_layers_chooses_the_attention_layers_before_converting(workspace,
     expected = select_attention_layers(str(workspace / "teacher"), SelectConfig(
         method="proxy", data=[str(workspace / "train.jsonl")]), progress=False)["attention_layers"]
     assert chosen == expected and len(chosen) == 1  # 4 layers: the 3:1 pattern keeps one
+    assert chosen != [3]  # not what the pattern would have kept: the selection decided
     layer_types = json.loads((out / "hybrid" / "config.json").read_text())["layer_types"]
     assert [i for i, t in enumerate(layer_types) if t == "full_attention"] == chosen
     capsys.readouterr()

@@ -1041,6 +1041,7 @@ def cmd_bench(args) -> int:
 def add_heal_parser(sub) -> None:
     from .heal import HealConfig
     from .train.config import DistillConfig
+    from .transfer.select import METHODS
 
     d, h = DistillConfig(), HealConfig()
     p = sub.add_parser(
@@ -1086,7 +1087,7 @@ def add_heal_parser(sub) -> None:
     p.add_argument("--passkey-trials", type=_positive_int, default=h.passkey_trials,
                    help=f"passkey prompts per length and depth [default: {h.passkey_trials}]")
     _add_layout_flags(p)
-    p.add_argument("--select-layers", choices=("kl", "passkey", "proxy"), default=None, metavar="METHOD",
+    p.add_argument("--select-layers", choices=METHODS, default=None, metavar="METHOD",
                    help="choose the layers that stay attention with `hybridize select-layers --method METHOD` "
                    "(kl, passkey or proxy; as many as the 3:1 pattern keeps) on the --data text before converting, "
                    "on the GPU when there is one; the choice and the scores go to heal.json. Replaces "

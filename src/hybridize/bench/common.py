@@ -34,6 +34,12 @@ def build(kind: str, shape: str, dtype: torch.dtype, device: torch.device) -> nn
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on a CPU): timings stop the clock after the GPU has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def device_name(device: torch.device, world_size: int = 1) -> str:
     if device.type == "cuda":
         return f"{world_size} × {torch.cuda.get_device_name(device)}"

@@ -38,7 +38,7 @@ from torch import nn
 from ..model.modeling import HybridForCausalLM
 from ..model.static_cache import StaticHybridCache
 from ..ops.dispatch import fla_status, note_if_slow_path
-from .common import build, device_name, profile_table, versions
+from .common import build, device_name, profile_table, sync, versions
 
 SMALL_SHAPES = ("tiny",)  # shapes whose default lengths are CPU-sized
 
@@ -82,11 +82,6 @@ class InferBenchConfig:
                              "with --shape it is 'source' or 'none'")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def copy_bandwidth(device: torch.device, megabytes: int | None = None) -> float:
     """Bytes per second of a large device-to-device copy, counting the read and the write (median of 5)."""
     size = (megabytes or (1024 if device.type == "cuda" else 128)) * 2**20
@@ -94,10 +89,10 @@ def copy_bandwidth(device: torch.device, megabytes: int | None = None) -> float:
     dst = torch.empty_like(src)
     times = []
     for _ in range(6):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     del src, dst
     return 2 * size / statistics.median(times[1:])
@@ -158,10 +153,10 @@ def measure_prefill(model: nn.Module, length: int, cfg: InferBenchConfig, device
     times, state = [], 0
     _peak_reset(device)
     for _ in range(cfg.repeats + 1):  # the first run warms up (kernel autotuning, allocator)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
         state = cache_bytes(out.past_key_values)
         del out
@@ -182,12 +177,12 @@ def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, cache=None
         del out
         step = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)  # untimed warm-up
         token = step.logits[:, -1:].argmax(-1)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(new_tokens):
             step = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
             token = step.logits[:, -1:].argmax(-1)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, cache
 
 
@@ -219,16 +214,16 @@ def _step_ms(step, repeats: int, device: torch.device, after=None) -> tuple[floa
     after each call (None without it)."""
     times, after_times = [], []
     for i in range(repeats + 2):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         if i >= 2:
             times.append(time.perf_counter() - start)
         if after is not None:
             start = time.perf_counter()
             after()
-            _sync(device)
+            sync(device)
             after_times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times), (1e3 * statistics.median(after_times[2:]) if after else None)
 
@@ -336,7 +331,7 @@ def profile_prefill(model: nn.Module, length: int, cfg: InferBenchConfig, device
     """Where one prefill's GPU time goes (the kernels by kind)."""
     ids = _tokens(1, length, model.config.vocab_size, cfg.seed, device)
     return {"length": length, **_profiled(lambda: (model(input_ids=ids, use_cache=True, logits_to_keep=1),
-                                                   _sync(device)))}
+                                                   sync(device)))}
 
 
 @torch.no_grad()
@@ -348,7 +343,7 @@ def profile_decode_step(model: nn.Module, cfg: InferBenchConfig, device: torch.d
     cache = StaticHybridCache(model.config, context + 4, cuda_graph=False)
     token = model(input_ids=ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
     model(input_ids=token, cache=cache)  # warm-up
-    return {"context": context, **_profiled(lambda: (model(input_ids=token, cache=cache), _sync(device)))}
+    return {"context": context, **_profiled(lambda: (model(input_ids=token, cache=cache), sync(device)))}
 
 
 def bench_model(name: str, model: nn.Module, cfg: InferBenchConfig, device: torch.device, bandwidth: float,

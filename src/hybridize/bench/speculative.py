@@ -27,7 +27,7 @@ import torch
 
 from ..errors import HybridizeError
 from ..ops.dispatch import fla_status, note_if_slow_path
-from .common import device_name, versions
+from .common import device_name, sync, versions
 
 
 @dataclass
@@ -41,7 +41,6 @@ class SpeculativeBenchConfig:
     prompt_tokens: int = 256
     new_tokens: int = 128
     prompts: int = 16  # per data path and batch size (rounded up to a whole number of batches)
-    cache: str = "auto"  # auto (static on CUDA, dynamic on CPU) | static | dynamic
     seed: int = 0
 
     def __post_init__(self):
@@ -52,8 +51,6 @@ class SpeculativeBenchConfig:
         values = [*self.batches, self.prompt_tokens, self.new_tokens, self.prompts]
         if not self.batches or min(values) < 1 or self.draft_tokens < 1:
             raise HybridizeError("batches, prompt tokens, new tokens, prompts and draft tokens must all be >= 1")
-        if self.cache not in ("auto", "static", "dynamic"):
-            raise HybridizeError(f"cache must be auto, static or dynamic, got {self.cache!r}")
 
 
 def prompt_windows(tokens: np.ndarray, count: int, length: int, seed: int, where: str) -> torch.Tensor:
@@ -80,19 +77,14 @@ def _first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _decode_all(run, prompts: torch.Tensor, batch: int, device: torch.device) -> tuple[float, list[torch.Tensor]]:
     """Seconds to decode every prompt in batches of `batch` (after one untimed batch) and the new tokens."""
     run(prompts[:batch].to(device))
-    _sync(device)
+    sync(device)
     outputs, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch):
         outputs.append(run(prompts[i: i + batch].to(device)))
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, outputs
 
 
@@ -145,7 +137,7 @@ def run_speculative_bench(cfg: SpeculativeBenchConfig, progress: bool = True, sa
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     note_if_slow_path(device)
-    cache = cfg.cache if cfg.cache != "auto" else ("static" if device.type == "cuda" else "dynamic")
+    cache = "static" if device.type == "cuda" else "dynamic"  # the CUDA-graph engine; eager on a CPU
     dtype = DistillConfig().compute_dtype(device.type)
     model = load_language_model(cfg.model, dtype, progress).to(device)
     if getattr(model, "mtp", None) is None:

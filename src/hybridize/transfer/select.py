@@ -71,8 +71,8 @@ def _windows(source: str, cfg: SelectConfig) -> torch.Tensor:
     return eval_windows(np.asarray(ids, dtype=np.int64), cfg.seq_len, cfg.tokens)
 
 
-def _batches(windows: torch.Tensor, batch_size: int, device: torch.device):
-    return [windows[i:i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
+def _batches(windows: torch.Tensor, batch_size: int):
+    return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
 def _passkey_batches(source: str, cfg: SelectConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -158,9 +158,9 @@ def proxy_scores(source: str, windows: torch.Tensor, cfg: SelectConfig, progress
     steps = torch.arange(T, device=device)
     far = (steps[:, None] - steps[None, :]) > cfg.window  # (query, key)
     sums = torch.zeros(teacher.config.num_hidden_layers, dtype=torch.float64)
-    batches = _batches(windows, cfg.batch_size, device)
+    batches = _batches(windows, cfg.batch_size)
     for batch in tqdm(batches, desc="select-layers (proxy)", unit="batch", disable=not progress):
-        attentions = teacher(batch, output_attentions=True).attentions  # L × (B, H, T, T)
+        attentions = teacher(batch.to(device), output_attentions=True).attentions  # L × (B, H, T, T)
         for i, probs in enumerate(attentions):
             sums[i] += float((probs.float() * far).sum(-1).mean(dim=(1, 2)).sum())
     return (sums / len(windows)).tolist()
@@ -192,7 +192,7 @@ def select_attention_layers(source: str, cfg: SelectConfig, transfer: CrossArchT
         from ..train.losses import next_token_targets
 
         batches = (_passkey_batches(source, cfg) if cfg.method == "passkey" else
-                   [(b, next_token_targets(b)) for b in _batches(_windows(source, cfg), cfg.batch_size, "cpu")])
+                   [(b, next_token_targets(b)) for b in _batches(_windows(source, cfg), cfg.batch_size)])
         scores, tokens = kl_scores(source, batches, cfg, transfer, progress), sum(b.numel() for b, _ in batches)
     chosen = sorted(sorted(range(num_layers), key=lambda i: -scores[i])[:keep])
     return {
