@@ -102,3 +102,19 @@ def test_two_gpus_equal_one_in_float32(workspace, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for a, b in zip(_metrics(one), _metrics(two), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+
+
+def test_train_mtp_and_train_etd_run_on_the_gpu(workspace, tmp_path):
+    """train-mtp and train-etd put the model on CUDA by default (they once trained on the GPU machine's CPU): the
+    summary names the device, and the heads' losses fall."""
+    out = _run([sys.executable, "-m", "hybridize", "train-mtp", workspace / "student", "--data",
+                workspace / "train.jsonl", "--out", tmp_path / "mtp", "--steps", "30", "--seq-len", "64",
+                "--no-progress"])
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["device"].startswith("cuda")
+    assert all(b < a for a, b in zip(summary["first_losses"], summary["last_losses"], strict=True))
+    etd = _run([sys.executable, "-m", "hybridize", "train-etd", workspace / "student", tmp_path / "etd", "--data",
+                workspace / "train.jsonl", "--part", "experts", "--steps", "4", "--no-progress"])
+    assert etd.returncode == 0, etd.stderr
+    assert json.loads(etd.stdout)["steps"] == 4

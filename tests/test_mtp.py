@@ -498,6 +498,57 @@ def test_train_mtp_stopped_and_resumed_equals_uninterrupted(mtp_student, tmp_pat
     assert not (tmp_path / "resumed.partial").exists()
 
 
+def test_train_mtp_sigterm_checkpoints_the_last_step_and_resumes_exactly(mtp_student, tmp_path, monkeypatch):
+    """SIGTERM during step 4 (a scheduler, `timeout`): the step finishes, a checkpoint of step 4 is written although
+    --save-every is far away, the CLI exits 130 with no OUT, and --resume ends with an uninterrupted run's losses."""
+    import os
+    import signal
+
+    from hybridize.cli import main
+    from hybridize.train import mtp as mtp_module
+
+    histories, steps = [], []
+    real_train, real_step = mtp_module.train_mtp, mtp_module._mtp_step
+
+    def recording(*args, **kwargs):
+        histories.append(copy.deepcopy(real_train(*args, **kwargs)))
+        return histories[-1]
+
+    def step_then_maybe_signal(*args):
+        steps.append(None)
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step: the handler only sets a flag
+        return real_step(*args)
+
+    monkeypatch.setattr(mtp_module, "train_mtp", recording)
+    assert main(_train_mtp_args(mtp_student, tmp_path / "straight", 8)) == 0
+    monkeypatch.setattr(mtp_module, "_mtp_step", step_then_maybe_signal)
+    out = tmp_path / "out"
+    steps.clear()
+    assert main(_train_mtp_args(mtp_student, out, 8, "--save-every", "100")) == 130
+    assert not out.exists()
+    assert [p.name for p in (tmp_path / "out.partial" / "checkpoints").iterdir()] == ["step_4"]
+    assert main(_train_mtp_args(mtp_student, out, 8, "--save-every", "100", "--resume")) == 0
+    straight, resumed = histories[0], histories[1]
+    assert len(resumed) == 8
+    assert max(abs(x - y) for a, b in zip(straight, resumed, strict=True) for x, y in zip(a, b, strict=True)) <= 1e-6
+
+
+def test_train_mtp_device_flag(mtp_student, tmp_path, capsys):
+    """--device cpu trains on the CPU and says so; an unknown device or CUDA on a machine without one is a one-line
+    error before any work."""
+    from hybridize.cli import main
+
+    assert main(_train_mtp_args(mtp_student, tmp_path / "cpu", 2, "--device", "cpu")) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "cpu"
+    assert main(_train_mtp_args(mtp_student, tmp_path / "x", 2, "--device", "tpu")) == 2
+    assert "unknown device 'tpu'" in _one_line_error(capsys)
+    if not torch.cuda.is_available():
+        assert main(_train_mtp_args(mtp_student, tmp_path / "x", 2, "--device", "cuda")) == 2
+        assert "no CUDA GPU" in _one_line_error(capsys)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
 def test_train_mtp_resume_misuse_is_a_one_line_error(mtp_student, tmp_path, capsys):
     """An existing work folder without --resume, a --resume with other settings and a --resume with nothing to
     resume are one-line errors; --force starts over."""

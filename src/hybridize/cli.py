@@ -702,6 +702,12 @@ def cmd_select(args) -> int:
 # ------------------------------------------------------------------------------------------------------ train-mtp
 
 
+def _add_device_flag(p, what: str) -> None:
+    from .device import DEVICE_CHOICES
+
+    p.add_argument("--device", default="auto", help=f"where it {what}: {DEVICE_CHOICES} [default: auto]")
+
+
 def add_train_mtp_parser(sub) -> None:
     from .train.mtp import TrainMTPConfig
 
@@ -739,6 +745,7 @@ def add_train_mtp_parser(sub) -> None:
                    "the model, data and training flags must be the ones the run started with")
     p.add_argument("--force", action="store_true",
                    help="replace --out if it exists; without --resume, also discard an existing OUT.partial")
+    _add_device_flag(p, "trains the heads (the frozen backbone runs there too)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_train_mtp)
 
@@ -748,7 +755,7 @@ def cmd_train_mtp(args) -> int:
 
     config = TrainMTPConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                             num_predict_tokens=args.num_predict_tokens, save_every=args.save_every,
-                            stop_at=args.stop_at)
+                            stop_at=args.stop_at, device=args.device)
     summary = run_train_mtp(args.model, args.data, args.out, config, force=args.force,
                             progress=not args.no_progress, resume=args.resume)
     print(json.dumps(summary, indent=2))
@@ -836,6 +843,7 @@ def add_train_etd_parser(sub) -> None:
     p.add_argument("--teacher", metavar="MODEL", default=None,
                    help="experts: distil from this model's logits (KL per token) instead of next-token CE "
                    "[default: none]")
+    _add_device_flag(p, "trains (the model, and --teacher)")
     p.add_argument("--resume", action="store_true", help="continue OUT from its last save")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

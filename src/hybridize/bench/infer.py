@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..device import resolve_device
 from ..model.modeling import HybridForCausalLM
 from ..model.static_cache import StaticHybridCache
 from ..ops.dispatch import fla_status, note_if_slow_path
@@ -391,7 +392,7 @@ def bench_model(name: str, model: nn.Module, cfg: InferBenchConfig, device: torc
 def run_infer_bench(cfg: InferBenchConfig, save=lambda report: None) -> dict:
     """Every row for the hybrid and (against='source') transformers' source model; ratios hybrid / source.
     `save(report)` gets the report so far after every row (`complete` False until the end)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     note_if_slow_path(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(cfg.seed)

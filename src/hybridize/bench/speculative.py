@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ..device import resolve_device
 from ..errors import HybridizeError
 from ..ops.dispatch import fla_status, note_if_slow_path
 from .common import device_name, sync, versions
@@ -135,7 +136,7 @@ def run_speculative_bench(cfg: SpeculativeBenchConfig, progress: bool = True, sa
     from ..train.data import tokenize_corpus
     from ..train.models import load_language_model, load_tokenizer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     note_if_slow_path(device)
     cache = "static" if device.type == "cuda" else "dynamic"  # the CUDA-graph engine; eager on a CPU
     dtype = DistillConfig().compute_dtype(device.type)

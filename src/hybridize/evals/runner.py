@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from ..errors import HybridizeError
 from .longctx import TASKS, Sample, TaskBuilder, is_correct, load_filler, make_samples
 
@@ -106,7 +107,7 @@ def run_longctx(model: str, config: LongContextConfig, teacher: str | None = Non
 
     start = time.perf_counter()
     filler = load_filler(config.data)  # a bad --data fails before any model loads
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     compute = DistillConfig(dtype=config.dtype).compute_dtype(device.type)
     sources = {"model": str(model), **({"teacher": str(teacher)} if teacher else {})}
     models = {role: load_language_model(source, compute).to(device) for role, source in sources.items()}

@@ -81,7 +81,7 @@ def search_routes(model: ETDForCausalLM, ids: torch.Tensor, skip_bonus: float = 
     """Greedy per-sequence search: from all-EXECUTE, visit each (iteration, layer) once and keep SKIP or REPEAT
     when it raises  loglik + skip_bonus · #SKIP  (per token). Returns routes (B, T, K) and their logliks (B,)."""
     B = ids.shape[0]
-    routes = torch.full((B, *_grid(model)), EXECUTE, dtype=torch.long)
+    routes = torch.full((B, *_grid(model)), EXECUTE, dtype=torch.long, device=ids.device)
     ll = sequence_logliks(model, ids, routes)
     score = ll.clone()
     for t, j in itertools.product(*map(range, routes.shape[1:])):
@@ -99,10 +99,10 @@ def search_routes(model: ETDForCausalLM, ids: torch.Tensor, skip_bonus: float = 
 def exhaustive_routes(model: ETDForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every route path (3^(T·K) of them: tiny grids only); returns the best per sequence and its loglik."""
     shape = _grid(model)
-    best_ll = torch.full((ids.shape[0],), -torch.inf)
-    best = torch.empty((ids.shape[0], *shape), dtype=torch.long)
+    best_ll = torch.full((ids.shape[0],), -torch.inf, device=ids.device)
+    best = torch.empty((ids.shape[0], *shape), dtype=torch.long, device=ids.device)
     for path in itertools.product((SKIP, EXECUTE, REPEAT), repeat=shape[0] * shape[1]):
-        routes = torch.tensor(path).view(1, *shape).expand(ids.shape[0], *shape)
+        routes = torch.tensor(path, device=ids.device).view(1, *shape).expand(ids.shape[0], *shape)
         ll = sequence_logliks(model, ids, routes)
         better = ll > best_ll
         best[better], best_ll = routes[better], torch.where(better, ll, best_ll)

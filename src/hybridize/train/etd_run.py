@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from ..errors import HybridizeError
 from ..model.etd import ETDConfig, ETDForCausalLM, etd_from_hybrid
 from .etd import PARTS, expert_step, freeze_for, router_step, search_routes
@@ -45,6 +46,7 @@ class TrainETDConfig:
     seed: int = 0
     teacher: str | None = None
     data: list[str] = field(default_factory=list)
+    device: str = "auto"  # the GPU when there is one (see hybridize.device)
 
     def __post_init__(self):
         if self.part not in PARTS:
@@ -107,19 +109,20 @@ def train_etd(model_path: str, out: str | Path, cfg: TrainETDConfig, resume: boo
         raise HybridizeError(f"{out} already exists; pass --resume to continue it or --force to replace it")
     if not cfg.data:
         raise HybridizeError("--data is required: text to train on")
-    windows = _windows(model_path, cfg)
+    device = resolve_device(cfg.device)
+    windows = _windows(model_path, cfg).to(device)
     tokenizer = load_tokenizer(model_path)
-    model = ETDForCausalLM.from_pretrained(saved) if resume else _load(model_path, cfg)
+    model = (ETDForCausalLM.from_pretrained(saved) if resume else _load(model_path, cfg)).to(device)
     teacher = None
     if cfg.teacher and cfg.part == "experts":
         from .models import load_language_model
 
-        teacher = load_language_model(cfg.teacher, torch.float32, progress=False)
+        teacher = load_language_model(cfg.teacher, torch.float32, progress=False).to(device)
     freeze_for(model, cfg.part)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     state = {"step": 0, "losses": []}
     if resume:
-        state = torch.load(saved / STATE, weights_only=True)
+        state = torch.load(saved / STATE, map_location="cpu", weights_only=True)  # AdamW moves it to the params
         optimizer.load_state_dict(state.pop("optimizer"))
     elif out.exists():
         shutil.rmtree(out)

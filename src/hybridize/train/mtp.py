@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..device import resolve_device
 from ..errors import HybridizeError
 from ..model.modeling import HybridForCausalLM
 from ..model.mtp import MultiTokenPredictor, mtp_depth_losses
@@ -33,6 +34,7 @@ from ..output import TOKENIZER_FILES, atomic_output_folder, check_not_an_input, 
 from .checkpoint import PREFIX, STATE_FILE, checkpoint_root, complete_checkpoints, remove_unfinished
 from .data import PackedBatches, load_or_build_tokens
 from .models import load_tokenizer
+from .signals import StopSignals
 
 WORK_SUFFIX = ".partial"  # OUT.partial/: the run's checkpoints until OUT is written
 SETTINGS_FILE = "settings.json"
@@ -50,6 +52,7 @@ class TrainMTPConfig:
     seed: int = 0
     save_every: int = 100  # checkpoint every N steps (0: none until the end; `stop_at` always saves)
     stop_at: int | None = None  # end this invocation after this step with a checkpoint; resume continues
+    device: str = "auto"  # where it trains: the GPU when there is one (see hybridize.device)
 
     def __post_init__(self):
         if self.save_every < 0:
@@ -59,7 +62,7 @@ class TrainMTPConfig:
 
     def settings(self) -> dict:
         """What a resume must repeat: everything but when this invocation stops or saves."""
-        return {k: v for k, v in asdict(self).items() if k not in ("save_every", "stop_at")}
+        return {k: v for k, v in asdict(self).items() if k not in ("save_every", "stop_at", "device")}
 
 
 def self_distillation_labels(model: HybridForCausalLM, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +97,17 @@ def mtp_optimizer(model: HybridForCausalLM, config: TrainMTPConfig) -> torch.opt
     return torch.optim.AdamW(model.mtp.parameters(), lr=config.lr, weight_decay=0.0)
 
 
+def _mtp_step(model: HybridForCausalLM, opt: torch.optim.Optimizer, ids: torch.Tensor) -> list[float]:
+    """One AdamW step of the heads on a batch; returns the per-depth losses."""
+    hidden, labels = self_distillation_labels(model, ids)
+    losses = mtp_depth_losses(model.mtp, model.lm_head, hidden, model.model.embed_tokens(ids), labels, None,
+                              model.config.num_predict_tokens)
+    opt.zero_grad(set_to_none=True)
+    losses.mean().backward()
+    opt.step()
+    return losses.tolist()
+
+
 SaveFn = Callable[[int, torch.optim.Optimizer, list[list[float]]], None]
 
 
@@ -103,27 +117,31 @@ def train_mtp(model: HybridForCausalLM, batches: PackedBatches, config: TrainMTP
     """Train `model.mtp` in place, backbone frozen; returns each step's per-depth losses.
 
     A resume passes the restored `optimizer` and `history` (training continues at step len(history)); `save(step,
-    optimizer, history)` is called every `config.save_every` steps and at `config.stop_at`, where training ends."""
+    optimizer, history)` is called every `config.save_every` steps and at `config.stop_at`, where training ends,
+    and after the current step on SIGTERM / Ctrl-C (then KeyboardInterrupt is raised: the CLI exits 130)."""
     opt = optimizer if optimizer is not None else mtp_optimizer(model, config)
     history = [] if history is None else history
     end = config.steps if config.stop_at is None else min(config.steps, config.stop_at)
     model.train()
-    for step in range(len(history), end):
-        ids = torch.cat(batches.next_step()).long()
-        hidden, labels = self_distillation_labels(model, ids)
-        losses = mtp_depth_losses(model.mtp, model.lm_head, hidden, model.model.embed_tokens(ids), labels, None,
-                                  model.config.num_predict_tokens)
-        opt.zero_grad(set_to_none=True)
-        losses.mean().backward()
-        opt.step()
-        history.append(losses.tolist())
-        if progress and (step % 10 == 0 or step == config.steps - 1):
-            print(f"step {step + 1}/{config.steps}: " + " ".join(f"L{k + 1} {v:.3f}" for k, v in
-                                                                enumerate(history[-1])), flush=True)
-        done = step + 1
-        if save is not None and done < config.steps and (
-                done == config.stop_at or (config.save_every and done % config.save_every == 0)):
-            save(done, opt, history)
+    device = model.lm_head.weight.device
+    first, t0 = len(history), time.perf_counter()
+    with StopSignals() as stop:
+        for step in range(first, end):
+            history.append(_mtp_step(model, opt, torch.cat(batches.next_step()).long().to(device)))
+            done = step + 1
+            if progress and (step % 10 == 0 or done == config.steps):
+                rate = (done - first) * config.batch_size * config.seq_len / (time.perf_counter() - t0)
+                print(f"step {done}/{config.steps}: " + " ".join(f"L{k + 1} {v:.3f}" for k, v in
+                                                             enumerate(history[-1])) + f" ({rate:,.0f} tok/s)",
+                      flush=True)
+            if stop.flag:  # SIGTERM / Ctrl-C: keep every finished step, then stop like an interrupt
+                if save is not None:
+                    save(done, opt, history)
+                    print(f"train-mtp: stopped after step {done}; --resume continues from it", flush=True)
+                raise KeyboardInterrupt
+            if save is not None and done < config.steps and (
+                    done == config.stop_at or (config.save_every and done % config.save_every == 0)):
+                save(done, opt, history)
     model.eval()
     return history
 
@@ -234,9 +252,11 @@ def run_train_mtp(model_dir: str | Path, data: list[str], out: str | Path, confi
     settings = {"model": str(model_dir.absolute()), "data": [str(Path(d).expanduser().absolute()) for d in data],
                 **config.settings()}
     checkpoint = open_work_folder(work, settings, resume, force)
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = HybridForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    add_mtp_heads(model, config.num_predict_tokens)
+    add_mtp_heads(model, config.num_predict_tokens)  # on the CPU, so a seed gives the same heads on any device
+    model.to(device)
     tokenizer = load_tokenizer(model_dir)
     tokens = load_or_build_tokens(data, tokenizer, model.config.eos_token_id, None, progress=progress,
                                   vocab_size=model.config.vocab_size)
@@ -252,8 +272,12 @@ def run_train_mtp(model_dir: str | Path, data: list[str], out: str | Path, confi
     def save(step: int, opt: torch.optim.Optimizer, hist: list[list[float]]) -> None:
         save_mtp_checkpoint(work, step, model, opt, hist, batches)
 
+    first_step, train_start = len(history or []), time.perf_counter()
     history = train_mtp(model, batches, config, progress, optimizer=optimizer, history=history, save=save)
-    summary = {"output": str(out), "seconds": round(time.perf_counter() - start, 2), "steps": len(history),
+    trained_tokens = (len(history) - first_step) * config.batch_size * config.seq_len
+    summary = {"output": str(out), "device": str(device), "seconds": round(time.perf_counter() - start, 2),
+               "tokens_per_s": round(trained_tokens / max(time.perf_counter() - train_start, 1e-9), 1),
+               "steps": len(history),
                "first_losses": [round(v, 4) for v in history[0]] if history else [],
                "last_losses": [round(v, 4) for v in history[-1]] if history else []}
     if len(history) < config.steps:  # stopped at config.stop_at: the checkpoint holds the run

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..device import resolve_device
 from ..errors import HybridizeError, one_line
 from ..model.modeling import HybridForCausalLM
 from ..ops.dispatch import note_if_slow_path
@@ -154,7 +155,7 @@ def run_eval(model: str, data: list[str], teacher: str | None = None, seq_len: i
     for path in data:
         if not Path(path).expanduser().exists():
             raise HybridizeError(f"data path {path} does not exist")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     compute = DistillConfig(dtype=dtype).compute_dtype(device.type)
     student = load_language_model(model, compute, progress=progress)
     teacher_model = load_language_model(teacher, compute, progress=progress) if teacher else None

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
-import threading
 import time
 import warnings
 from functools import partial
@@ -47,6 +45,7 @@ from .models import check_pair
 from .mtp import add_mtp_heads
 from .objective import DistillationObjective
 from .parallelize import DistEnv, Parallelized, broadcast_from_rank0, full_states, init_distributed, parallelize
+from .signals import StopSignals
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
@@ -150,30 +149,6 @@ def _any_rank(flag: bool, env: DistEnv | None) -> bool:
     value = torch.tensor(float(flag), device=env.device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
-
-
-class StopSignals:
-    """SIGTERM / SIGINT ask the loop to checkpoint and stop after the current step (all ranks agree first)."""
-
-    def __enter__(self):
-        self.flag = False
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def requested(self, device: torch.device) -> bool:
-        flag = torch.tensor(float(self.flag), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def _add_seeded_heads(student: nn.Module, config: DistillConfig) -> None:

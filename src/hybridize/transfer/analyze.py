@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from ..errors import HybridizeError
 from ..model.etd import default_split
 
@@ -105,11 +106,12 @@ def analyze_layers(model_path: str, cfg: AnalyzeConfig, progress: bool = True) -
     if not cfg.data:
         raise HybridizeError("--data is required: text to measure the layers on")
     windows = _windows(model_path, cfg)
-    model = load_language_model(model_path, DTYPES[cfg.dtype], progress=progress)
+    device = resolve_device()
+    model = load_language_model(model_path, DTYPES[cfg.dtype], progress=progress).to(device)
     total, tokens = None, 0
     batches = [windows[i:i + cfg.batch_size] for i in range(0, len(windows), cfg.batch_size)]
     for batch in tqdm(batches, desc="analyze", disable=not progress):
-        sums = angular_distance_sums(layer_states(model, batch))
+        sums = angular_distance_sums(layer_states(model, batch.to(device))).cpu()
         total = sums if total is None else total + sums
         tokens += batch.numel()
     distances = [round(float(d), 6) for d in total / tokens]

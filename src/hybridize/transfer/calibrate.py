@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from ..errors import HybridizeError
 from ..model.config import LINEAR, HybridConfig
 from ..model.layers import GatedDeltaNet
@@ -60,12 +61,6 @@ class Recipe:
     batch_size: int = 4  # windows per Adam step
     stats_windows: int = 2  # windows whose full attention maps give the decay statistics
     trace_every: int = 0  # record the held-out error every N Adam steps (diagnostics)
-
-
-def calibration_device(device: str | torch.device | None = None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _sample_stream(paths, tokenizer, eos_token_id: int, tokens: int, seed: int) -> np.ndarray | None:
@@ -234,7 +229,7 @@ class DeltaNetCalibrator:
         self.cfg, self.recipe, self.seed = cfg, recipe, seed
         self.windows = tuple(windows.shape)
         self.seconds = 0.0  # calibration time (teacher layers + fits), added to by each call
-        self.device = calibration_device(device)
+        self.device = resolve_device(device)
         self.teacher = TeacherLayers(source, self.device)
         self.x = self.teacher.embed(windows)  # (n, T, D) the teacher's residual stream
         self.pe = self.teacher.position_embeddings(self.x[:1])

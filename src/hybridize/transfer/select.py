@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from ..errors import HybridizeError
 from ..model.config import FULL
 from .config import CrossArchTransferConfig, HybridAttentionConfig
@@ -100,7 +101,7 @@ def _passkey_batches(source: str, cfg: SelectConfig) -> list[tuple[torch.Tensor,
 
 def _device() -> torch.device:
     """Where the scoring runs: the GPU when there is one (a 135M model's KL scan takes ~30 min on 2 CPU cores)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device()
 
 
 @torch.no_grad()
