@@ -109,3 +109,23 @@ def test_verify_step_graph_replay_equals_eager_step():
     delta = max((a - b).abs().max().item() for a, b in zip(outs[True], outs[False], strict=True))
     print(f"verify steps: graph replay vs eager fixed step: max |Δ| {delta:.3g}")
     assert delta <= 1e-5
+
+
+@torch.no_grad()
+def test_speculative_on_the_graph_engine_equals_plain_greedy():
+    """mtp_decoder.generate on the static cache (verify steps as CUDA graphs, rollback of rows that accept different
+    drafts) gives model.generate's greedy tokens (float32, dynamic cache); untrained heads (the CPU tests cover
+    trained ones)."""
+    cfg = model_on_cuda(torch.float32).config
+    cfg.mtp_num_hidden_layers, cfg.num_predict_tokens = 1, 3
+    torch.manual_seed(0)
+    model = HybridForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    model = model.to("cuda").eval()
+    ids = torch.randint(1, VOCAB, (3, 40), device="cuda")
+    want = model.generate(ids, max_new_tokens=48, do_sample=False)
+    got = model.mtp_decoder.generate(ids, max_new_tokens=48, cache_implementation="static")
+    stats = model.mtp_decoder.stats
+    print(f"speculative on the graph engine: tokens per verify {stats['tokens_per_verify']:.2f}")
+    assert torch.equal(want, got)
