@@ -151,6 +151,28 @@ def test_stream_is_documents_separated_by_eos(tmp_path, tokenizer, monkeypatch):
     assert tokens.tolist() == stream_of(*docs)
 
 
+def test_max_tokens_reads_only_a_prefix(tmp_path, tokenizer, monkeypatch):
+    """`max_tokens` gives the full stream's prefix and stops reading early (a probe of the first N tokens of a big
+    corpus), for text and for .npy; `first_windows` cuts it into windows the same way for both."""
+    docs = [f"w{i} w{i + 1} w{i + 3}" for i in range(400)]
+    text = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
+    full = tokenize_corpus([text], tokenizer, EOS, progress=False)
+    read = []
+    real = data._encode
+    monkeypatch.setattr(data, "_encode", lambda tok, batch, eos: read.append(len(batch)) or real(tok, batch, eos))
+    head = tokenize_corpus([text], tokenizer, EOS, progress=False, max_tokens=50)
+    assert head.tolist() == full[:50].tolist() and sum(read) < len(docs) // 4
+    np.save(tmp_path / "t.npy", full.astype(np.int64))
+    assert tokenize_corpus([tmp_path / "t.npy"], tokenizer, EOS, progress=False, max_tokens=50).tolist() == \
+        full[:50].tolist()
+    tok_dir = tmp_path / "model"
+    tokenizer.save_pretrained(tok_dir)
+    from_text = data.first_windows(tok_dir, [text], 64, 16)
+    from_npy = data.first_windows(tok_dir, [tmp_path / "t.npy"], 64, 16)
+    assert from_text.shape == (4, 16) and torch.equal(from_text, from_npy)
+    assert from_text.flatten().tolist() == full[:64].tolist()
+
+
 def test_npy_appended_as_is_in_input_order(tmp_path, tokenizer):
     write(tmp_path / "in" / "a.txt", "w1 w2")
     np.save(tmp_path / "in" / "b.npy", np.array([7, 8, 9], dtype=np.int64))

@@ -12,9 +12,9 @@ from test_etd import etd, tiny_hybrid
 
 from hybridize import ETDForCausalLM, HybridForCausalLM
 from hybridize.cli import main
+from hybridize.train.data import first_windows
 from hybridize.transfer.analyze import AnalyzeConfig, analyze_layers, knee, propose_split
 from hybridize.transfer.convert import convert_to_folder
-from hybridize.transfer.select import _windows
 
 LAYERS = 6
 
@@ -46,7 +46,7 @@ def test_distances_equal_an_independent_computation(hybrid_and_text):
     folder, text = hybrid_and_text
     cfg = AnalyzeConfig(tokens=96, seq_len=32, batch_size=2, data=[str(text)])
     report = analyze_layers(str(folder), cfg, progress=False)
-    ids = _windows(str(folder), cfg)
+    ids = first_windows(str(folder), cfg.data, cfg.tokens, cfg.seq_len)
     model = HybridForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         states = [h.double().reshape(-1, h.shape[-1]).numpy() for h in model(ids, output_hidden_states=True)

@@ -10,11 +10,12 @@ import torch
 from hybridize import create_hybrid_from_qwen3
 from hybridize.cli import main
 from hybridize.errors import HybridizeError
+from hybridize.train.data import first_windows
 from hybridize.train.evaluate import evaluate
 from hybridize.train.models import load_language_model
 from hybridize.train.objective import DistillationObjective
 from hybridize.transfer.config import HybridAttentionConfig
-from hybridize.transfer.select import SelectConfig, _windows, select_attention_layers
+from hybridize.transfer.select import SelectConfig, select_attention_layers
 
 LAYERS = 6
 
@@ -39,7 +40,7 @@ def test_kl_scores_equal_real_single_layer_conversions(source_and_text):
     assert len(scores) == LAYERS and all(s >= 0 for s in scores) and max(scores) > 1e-4
     # an independent check of two layers: convert with only that layer as DeltaNet, then evaluate KL
     teacher = load_language_model(folder, torch.float32)
-    windows = _windows(str(folder), cfg)
+    windows = first_windows(str(folder), cfg.data, cfg.tokens, cfg.seq_len)
     for j in (0, LAYERS - 1):
         attention = [i for i in range(LAYERS) if i != j]
         hybrid = create_hybrid_from_qwen3(folder, HybridAttentionConfig(attention_layers=attention),
@@ -59,7 +60,7 @@ def test_proxy_scores_are_the_far_attention_share(source_and_text):
     assert report["keep"] == 1  # the 3:1 pattern keeps one of 6 layers
     teacher = load_language_model(folder, torch.float32)
     teacher.set_attn_implementation("eager")
-    windows = _windows(str(folder), cfg)
+    windows = first_windows(str(folder), cfg.data, cfg.tokens, cfg.seq_len)
     with torch.no_grad():
         probs = teacher(windows, output_attentions=True).attentions[2]  # (B, H, T, T)
     T = windows.shape[1]

@@ -230,11 +230,12 @@ def _encode(tokenizer, docs: list[str], eos_token_id: int) -> np.ndarray:
 
 
 def tokenize_corpus(paths: list[PathLike], tokenizer, eos_token_id: int | None, progress: bool = True,
-                    vocab_size: int | None = None) -> np.ndarray:
+                    vocab_size: int | None = None, max_tokens: int | None = None) -> np.ndarray:
     """The 1-D uint32 token stream of `paths`: documents packed back to back, each followed by EOS; .npy as is.
 
     `vocab_size` (the model's) bounds every token id; None uses the tokenizer's size. `tokenizer` may be None when
-    every input is a pre-tokenized .npy array.
+    every input is a pre-tokenized .npy array. `max_tokens`: stop reading once the stream holds that many (the
+    stream is cut to it), so a probe of the first N tokens does not tokenize a whole corpus.
     """
     vocab = vocab_size if vocab_size is not None else len(tokenizer)
     whose = "model's" if vocab_size is not None else "tokenizer's"
@@ -254,12 +255,14 @@ def tokenize_corpus(paths: list[PathLike], tokenizer, eos_token_id: int | None, 
             bar.set_postfix(tokens=f"{total:,}", refresh=False)
 
         for item in _iter_sources(paths):
+            if max_tokens is not None and total >= max_tokens:
+                break
             if isinstance(item, str):
                 if tokenizer is None:
                     raise HybridizeError(f"the data includes text (e.g. {item[:40]!r}) but no tokenizer was given; "
                                          f"pass only pre-tokenized .npy arrays, or a model folder with a tokenizer")
                 batch.append(item)
-                if len(batch) >= TOKENIZE_BATCH:
+                if len(batch) >= (TOKENIZE_BATCH if max_tokens is None else 32):  # a probe reads little
                     add(_encode(tokenizer, batch, eos_token_id), len(batch))
                     batch = []
             else:  # flush first: the stream keeps input order
@@ -272,7 +275,7 @@ def tokenize_corpus(paths: list[PathLike], tokenizer, eos_token_id: int | None, 
     if total == 0:
         names = ", ".join(str(p) for p in paths)
         raise HybridizeError(f"no text found in {names}: expected {SUPPORTED} with non-empty documents")
-    stream = np.concatenate(chunks)
+    stream = np.concatenate(chunks)[:max_tokens]
     if int(stream.max()) >= vocab:  # a tokenizer larger than the model's embedding table
         raise HybridizeError(f"the tokenizer produces token id {int(stream.max())}, outside the {whose} vocabulary "
                              f"[0, {vocab}); use the tokenizer of the model being trained")
@@ -462,6 +465,17 @@ class PackedBatches:
             raise HybridizeError(f"the checkpoint's data state is invalid (epoch {epoch}, position {position})")
         self._epoch, self._position = epoch, position
         self._roll_over()
+
+
+def first_windows(source: PathLike, paths: list[PathLike], tokens: int, seq_len: int) -> torch.Tensor:
+    """The first `tokens` tokens of `paths` (documents EOS-separated in order, .npy token arrays as they are) as
+    (N, seq_len) windows, with `source`'s tokenizer; only as many documents are tokenized as that takes. What
+    select-layers, analyze-layers and train-etd probe the model on."""
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(source)
+    stream = tokenize_corpus(paths, tokenizer, tokenizer.eos_token_id, progress=False, max_tokens=tokens)
+    return eval_windows(stream, seq_len, tokens)
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None) -> torch.Tensor:

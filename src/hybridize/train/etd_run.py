@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..device import resolve_device
 from ..errors import HybridizeError
 from ..model.etd import ETDConfig, ETDForCausalLM, etd_from_hybrid
+from .data import first_windows
 from .etd import PARTS, expert_step, freeze_for, router_step, search_routes
 
 STATE = "trainer_state.pt"
@@ -98,7 +99,6 @@ def _step(model, batch, optimizer, cfg: TrainETDConfig, teacher=None) -> float:
 def train_etd(model_path: str, out: str | Path, cfg: TrainETDConfig, resume: bool = False, force: bool = False,
               progress: bool = True) -> dict:
     """Train `cfg.part` of an ETD model (base frozen); returns the step count and first/last losses."""
-    from ..transfer.select import _windows
     from .models import load_tokenizer
 
     out = Path(out).expanduser()
@@ -110,7 +110,7 @@ def train_etd(model_path: str, out: str | Path, cfg: TrainETDConfig, resume: boo
     if not cfg.data:
         raise HybridizeError("--data is required: text to train on")
     device = resolve_device(cfg.device)
-    windows = _windows(model_path, cfg).to(device)
+    windows = first_windows(model_path, cfg.data, cfg.tokens, cfg.seq_len).to(device)
     tokenizer = load_tokenizer(model_path)
     model = (ETDForCausalLM.from_pretrained(saved) if resume else _load(model_path, cfg)).to(device)
     teacher = None

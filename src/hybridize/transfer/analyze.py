@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..device import resolve_device
 from ..errors import HybridizeError
 from ..model.etd import default_split
+from ..train.data import first_windows
 
 KNEE_MIN = 0.2  # Kneedle's distance below the chord (normalised units) that counts as a knee
 MIN_HALF = 3  # fewer points than this per half: no knee can be told from noise
@@ -101,11 +102,10 @@ def analyze_layers(model_path: str, cfg: AnalyzeConfig, progress: bool = True) -
     """Angular distance per layer on `cfg.data` and the proposed ETD split, as a JSON-ready report."""
     from ..train.models import load_language_model
     from .convert import DTYPES
-    from .select import _windows
 
     if not cfg.data:
         raise HybridizeError("--data is required: text to measure the layers on")
-    windows = _windows(model_path, cfg)
+    windows = first_windows(model_path, cfg.data, cfg.tokens, cfg.seq_len)
     device = resolve_device()
     model = load_language_model(model_path, DTYPES[cfg.dtype], progress=progress).to(device)
     total, tokens = None, 0

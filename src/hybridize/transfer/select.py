@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..device import resolve_device
 from ..errors import HybridizeError
 from ..model.config import FULL
+from ..train.data import first_windows
 from .config import CrossArchTransferConfig, HybridAttentionConfig
 
 METHODS = ("kl", "passkey", "proxy")
@@ -53,23 +54,6 @@ class SelectConfig:
             raise HybridizeError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.keep < 0 or self.tokens < 1 or self.seq_len < 2 or self.batch_size < 1 or self.window < 1:
             raise HybridizeError("need keep >= 0, tokens >= 1, seq_len >= 2, batch_size >= 1 and window >= 1")
-
-
-def _windows(source: str, cfg: SelectConfig) -> torch.Tensor:
-    """The first `cfg.tokens` tokens of the data (documents EOS-separated, in order) as windows; only as many
-    documents are tokenized as that takes."""
-    import numpy as np
-
-    from ..train.data import eval_windows, iter_documents
-    from ..train.models import load_tokenizer
-
-    tokenizer = load_tokenizer(source)
-    ids: list[int] = []
-    for text in iter_documents(cfg.data):
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(ids) >= cfg.tokens:
-            break
-    return eval_windows(np.asarray(ids, dtype=np.int64), cfg.seq_len, cfg.tokens)
 
 
 def _batches(windows: torch.Tensor, batch_size: int):
@@ -186,14 +170,14 @@ def select_attention_layers(source: str, cfg: SelectConfig, transfer: CrossArchT
     if keep > num_layers:
         raise HybridizeError(f"--keep {keep} is more than the source's {num_layers} layers")
     transfer = transfer or CrossArchTransferConfig()
+    windows = None if cfg.method == "passkey" else first_windows(source, cfg.data, cfg.tokens, cfg.seq_len)
     if cfg.method == "proxy":
-        windows = _windows(source, cfg)
         scores, tokens = proxy_scores(source, windows, cfg, progress), windows.numel()
     else:
         from ..train.losses import next_token_targets
 
         batches = (_passkey_batches(source, cfg) if cfg.method == "passkey" else
-                   [(b, next_token_targets(b)) for b in _batches(_windows(source, cfg), cfg.batch_size)])
+                   [(b, next_token_targets(b)) for b in _batches(windows, cfg.batch_size)])
         scores, tokens = kl_scores(source, batches, cfg, transfer, progress), sum(b.numel() for b, _ in batches)
     chosen = sorted(sorted(range(num_layers), key=lambda i: -scores[i])[:keep])
     return {
