@@ -279,7 +279,7 @@ def test_resume_during_the_evaluation_keeps_its_finished_pieces(workspace, tmp_p
 def test_select_layers_chooses_the_attention_layers_before_converting(workspace, tmp_path, capsys):
     """`heal --select-layers proxy` converts with the layers `select-layers` picks on the training text (the
     default count of the 3:1 pattern), records the selection in heal.json; combining it with a layout flag, or
-    giving it only .npy tokens, is a one-line error."""
+    giving the passkey method only .npy tokens (its prompts need text), is a one-line error."""
     from hybridize.transfer.select import SelectConfig, select_attention_layers
 
     out = tmp_path / "out"
@@ -300,6 +300,6 @@ def test_select_layers_chooses_the_attention_layers_before_converting(workspace,
 
     np.save(tokens, np.arange(2000, dtype=np.uint16) % 100)
     code = main(["heal", str(workspace / "teacher"), str(tmp_path / "o3"), "--data", str(tokens), "--no-calibrate",
-                 "--select-layers", "kl", *TINY])
+                 "--select-layers", "passkey", *TINY])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "reads text from --data" in err and "\n" not in err, err

@@ -114,3 +114,17 @@ def test_passkey_scores_are_kl_at_the_answer_tokens(source_and_text):
                 count += int(at.sum())
         assert scores[j] == pytest.approx(total / count, rel=1e-4, abs=1e-6)
     assert report["attention_layers"] == sorted(sorted(range(LAYERS), key=lambda i: -scores[i])[:2])
+
+
+def test_scores_from_npy_tokens_equal_scores_from_the_text(source_and_text, tmp_path):
+    """The GPU host keeps its training split as a .npy of token ids: selecting on it scores the same windows as
+    on the text it was made from."""
+    import numpy as np
+
+    folder, text = source_and_text
+    stream = first_windows(str(folder), [str(text)], 10_000, 1).flatten().numpy()
+    np.save(tmp_path / "tokens.npy", stream.astype(np.int64))
+    on_text, on_npy = (select_attention_layers(str(folder), SelectConfig(
+        method="proxy", tokens=128, seq_len=64, window=8, data=[str(d)]), progress=False)
+        for d in (text, tmp_path / "tokens.npy"))
+    assert on_npy["scores"] == on_text["scores"] and on_npy["tokens"] == on_text["tokens"] == 128

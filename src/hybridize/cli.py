@@ -1097,8 +1097,8 @@ def add_heal_parser(sub) -> None:
     _add_layout_flags(p)
     p.add_argument("--select-layers", choices=METHODS, default=None, metavar="METHOD",
                    help="choose the layers that stay attention with `hybridize select-layers --method METHOD` "
-                   "(kl, passkey or proxy; as many as the 3:1 pattern keeps) on the --data text before converting, "
-                   "on the GPU when there is one; the choice and the scores go to heal.json. Replaces "
+                   "(kl, passkey or proxy; as many as the 3:1 pattern keeps) on --data (passkey: its text) before "
+                   "converting, on the GPU when there is one; the choice and the scores go to heal.json. Replaces "
                    "--pattern/--period/--attention-layers [default: the pattern]")
     p.add_argument("--weights-dtype", choices=list(DTYPES), default=None,
                    help="dtype of the converted and the final weights [default: the source's stored dtype]")

@@ -258,15 +258,18 @@ def _run_stage(job: HealJob, stage: Stage, student: Path, run_dir: Path, data: l
 
 
 def _select_layers(job: HealJob, progress: bool) -> dict:
-    """`select-layers --method job.heal.select_layers` on the training text (its defaults; one prompt per window
-    for passkey); the job converts with the chosen layers."""
+    """`select-layers --method job.heal.select_layers` on the training data (its defaults; passkey: one prompt per
+    window, made from the text); the job converts with the chosen layers."""
     from .train.data import needs_tokenizer
     from .transfer.config import HybridAttentionConfig
     from .transfer.select import SelectConfig, select_attention_layers
 
     method = job.heal.select_layers
-    text = [p for p in job.data if needs_tokenizer([p])]  # check_job made sure there is some
-    cfg = SelectConfig(method=method, data=text, **({"seq_len": 1024, "batch_size": 1} if method == "passkey" else {}))
+    if method == "passkey":  # the prompts' filler is text (check_job made sure there is some)
+        cfg = SelectConfig(method=method, data=[p for p in job.data if needs_tokenizer([p])], seq_len=1024,
+                           batch_size=1)
+    else:  # the first tokens of the training data, text or .npy
+        cfg = SelectConfig(method=method, data=list(job.data))
     report = select_attention_layers(job.source, cfg, job.transfer, progress=progress)
     job.transfer = replace(job.transfer, hybrid_attention=HybridAttentionConfig(
         attention_layers=report["attention_layers"]))
@@ -337,7 +340,7 @@ def _evaluate(job: HealJob, model_dir: Path, progress: bool, partial: dict, save
 
 def check_job(job: HealJob) -> None:
     """Mistakes found before anything is written: missing data, an OUT that is or holds an input, --sharding none
-    with --gpus > 1, --select-layers without text."""
+    with --gpus > 1, --select-layers passkey without text."""
     from .train.data import needs_tokenizer
     from .train.parallelize import resolve_sharding
 
@@ -345,8 +348,8 @@ def check_job(job: HealJob) -> None:
     for path in [*job.data, *job.eval_data]:
         if not Path(path).expanduser().exists():
             raise HybridizeError(f"data path {path} does not exist")
-    if job.heal.select_layers and not needs_tokenizer(job.data):
-        raise HybridizeError(f"--select-layers {job.heal.select_layers} reads text from --data, which holds only "
+    if job.heal.select_layers == "passkey" and not needs_tokenizer(job.data):
+        raise HybridizeError("--select-layers passkey reads text from --data (the prompts' filler), which holds only "
                              "pre-tokenized .npy arrays; pass the text, or choose the layers with `hybridize "
                              "select-layers` and pass --attention-layers")
     check_not_an_input(job.out, [job.source, *job.data, *job.eval_data], what="OUT")

@@ -33,4 +33,5 @@ class StopSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+
 __all__ = ["StopSignals"]

@@ -83,11 +83,6 @@ def _passkey_batches(source: str, cfg: SelectConfig) -> list[tuple[torch.Tensor,
     return out
 
 
-def _device() -> torch.device:
-    """Where the scoring runs: the GPU when there is one (a 135M model's KL scan takes ~30 min on 2 CPU cores)."""
-    return resolve_device()
-
-
 @torch.no_grad()
 def kl_scores(source: str, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: SelectConfig,
               transfer: CrossArchTransferConfig, progress: bool = True) -> list[float]:
@@ -101,7 +96,7 @@ def kl_scores(source: str, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg
     from ..train.objective import final_hidden
     from .convert import create_hybrid_from_qwen3
 
-    dtype, device = getattr(torch, cfg.dtype), _device()
+    dtype, device = getattr(torch, cfg.dtype), resolve_device()  # a KL scan: ~30 min on 2 CPU cores
     teacher = load_language_model(source, dtype, progress=progress).to(device)
     num_layers = teacher.config.num_hidden_layers
     as_attention = replace(transfer, hybrid_attention=HybridAttentionConfig(attention_layers=list(range(num_layers))))
@@ -136,7 +131,7 @@ def proxy_scores(source: str, windows: torch.Tensor, cfg: SelectConfig, progress
     """Per layer, the teacher's share of attention probability on keys more than `cfg.window` tokens back."""
     from ..train.models import load_language_model
 
-    device = _device()
+    device = resolve_device()
     teacher = load_language_model(source, getattr(torch, cfg.dtype), progress=progress).to(device)
     teacher.set_attn_implementation("eager")  # attention weights are only returned by the eager path
     T = windows.shape[1]
