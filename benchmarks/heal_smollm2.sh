@@ -46,6 +46,7 @@ for variant in $variants; do
         --weights-dtype bfloat16 --no-progress)
   [ "$init" = calibrated ] || args+=(--no-calibrate)
   case $layers in
+    uniform) args+=(--select-layers none) ;;  # heal's default selects with kl
     selected) args+=(--attention-layers "$LAYERS") ;;
     kl|passkey|proxy) args+=(--attention-layers "$(selected "$layers")") ;;
   esac

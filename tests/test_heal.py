@@ -107,7 +107,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_heal_runs_every_stage_and_brings_the_hybrid_closer(workspace, tmp_path, capsys):
     out = tmp_path / "healed"
     stages = ["--tokens", "3072", "--align-tokens", "1024", "--long-context-tokens", "1024", "--long-seq-len", "64",
-              "--no-calibrate"]  # the zero init leaves a gap to close (calibration has its own test below)
+              "--no-calibrate", "--select-layers", "none"]  # the zero init of the 3:1 pattern leaves a gap to close
+    # (calibration and layer selection have their own tests below)
     assert _heal(workspace, out, *stages) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["stages"] == ["convert", "align", "kd", "long", "final", "eval"]
@@ -196,7 +197,8 @@ def test_calibrates_on_the_training_text_unless_told_not_to(workspace, tmp_path,
 
     plain = tmp_path / "plain"
     convert_to_folder(str(workspace / "teacher"), plain, progress=False)
-    stages = ["--tokens", "128", "--align-tokens", "0", "--eval-tokens", "64"]  # one KD step
+    stages = ["--tokens", "128", "--align-tokens", "0", "--eval-tokens", "64", "--select-layers", "none"]  # one KD
+    # step, on the layout of the plain conversion
     assert _heal(workspace, tmp_path / "zero", *stages, "--no-calibrate") == 0
     assert _heal(workspace, tmp_path / "cal", *stages, "--calibrate-tokens", "2k", "--calibrate-seq-len", "64") == 0
     reference = _weights(plain)
@@ -274,6 +276,28 @@ def test_resume_during_the_evaluation_keeps_its_finished_pieces(workspace, tmp_p
     again = real(str(out / "final"), [val], str(workspace / "teacher"), seq_len=32, max_tokens=512, progress=False)
     assert state["done"]["eval"]["data"][val]["kl"] == pytest.approx(again["kl"], rel=1e-6)
     assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(state["done"]["eval"]))
+
+
+def test_kl_selection_is_the_default_unless_a_layout_or_none_is_given(workspace, tmp_path, monkeypatch):
+    """heal selects its attention layers with the kl method by default; `--select-layers none` or a layout flag
+    keeps the layout; --resume keeps what the run recorded (runs from before the default recorded none)."""
+    import hybridize.heal as heal
+
+    jobs = []
+    monkeypatch.setattr(heal, "run_heal", lambda job, **kw: jobs.append(job) or {})
+
+    def chosen(*extra):
+        assert _heal(workspace, tmp_path / "out", *extra) == 0
+        return jobs[-1].heal.select_layers, jobs[-1].transfer.hybrid_attention.attention_layers
+
+    assert chosen() == ("kl", None)
+    assert chosen("--select-layers", "none") == (None, None)
+    assert chosen("--attention-layers", "1") == (None, [1])
+    assert chosen("--select-layers", "proxy") == ("proxy", None)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "heal.json").write_text(json.dumps({"settings": {"heal": {"select_layers": None}}}))
+    assert chosen("--resume") == (None, None)
+    assert chosen() == ("kl", None)  # a new run in the same place is run_heal's to refuse
 
 
 def test_select_layers_chooses_the_attention_layers_before_converting(workspace, tmp_path, capsys):

@@ -1095,11 +1095,14 @@ def add_heal_parser(sub) -> None:
     p.add_argument("--passkey-trials", type=_positive_int, default=h.passkey_trials,
                    help=f"passkey prompts per length and depth [default: {h.passkey_trials}]")
     _add_layout_flags(p)
-    p.add_argument("--select-layers", choices=METHODS, default=None, metavar="METHOD",
+    p.add_argument("--select-layers", choices=[*METHODS, "none"], default=None, metavar="METHOD",
                    help="choose the layers that stay attention with `hybridize select-layers --method METHOD` "
                    "(kl, passkey or proxy; as many as the 3:1 pattern keeps) on --data (passkey: its text) before "
-                   "converting, on the GPU when there is one; the choice and the scores go to heal.json. Replaces "
-                   "--pattern/--period/--attention-layers [default: the pattern]")
+                   "converting, on the GPU when there is one; the choice and the scores go to heal.json. 'none' "
+                   "keeps the 3:1 pattern. Why kl: on SmolLM2-135M its layers healed to 20%% lower KL than the "
+                   "pattern's, two seeds (docs/BENCHMARKS.md); it costs a probe forward per layer on 16k tokens "
+                   f"[default: {h.select_layers}, none when --pattern/--period/--attention-layers is given; a "
+                   "--resume keeps the run's own choice]")
     p.add_argument("--weights-dtype", choices=list(DTYPES), default=None,
                    help="dtype of the converted and the final weights [default: the source's stored dtype]")
     add_calibrate_arguments(p, heal=True)
@@ -1129,6 +1132,30 @@ def _heal_calibration(args) -> dict:
     return _calibrate_kwargs(args)
 
 
+def _heal_selection(args) -> str | None:
+    """The heal run's --select-layers: the flag when given ('none' = None); none when a layout flag is given; on
+    --resume the run's own recorded choice (runs from before kl became the default recorded none); else the
+    default."""
+    from pathlib import Path
+
+    from .heal import STATE_FILE, HealConfig
+
+    layout = (args.pattern, args.period, args.attention_layers) != (None, None, None)
+    if args.select_layers is not None:
+        if args.select_layers != "none" and layout:
+            raise HybridizeError("use either --select-layers or --pattern/--period/--attention-layers, not both")
+        return None if args.select_layers == "none" else args.select_layers
+    if layout:
+        return None
+    state = Path(args.out).expanduser() / STATE_FILE
+    if args.resume and state.is_file():
+        try:
+            return json.loads(state.read_text())["settings"]["heal"]["select_layers"]
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable heal.json: run_heal says so
+    return HealConfig.select_layers
+
+
 def cmd_heal(args) -> int:
     from dataclasses import fields
     from pathlib import Path
@@ -1145,8 +1172,7 @@ def cmd_heal(args) -> int:
     if family == "qwen3_5_text":
         raise HybridizeError(f"{args.source} is already a hybrid (qwen3_5_text); heal converts an attention model "
                              "(Qwen3 / Llama family): continue a hybrid's healing with `hybridize distill`")
-    if args.select_layers and (args.pattern, args.period, args.attention_layers) != (None, None, None):
-        raise HybridizeError("use either --select-layers or --pattern/--period/--attention-layers, not both")
+    args.select_layers = _heal_selection(args)
     attention = _attention_config(args, source_config.num_hidden_layers)
     _resolve_mtp(args)
     transfer = CrossArchTransferConfig(source_model=args.source, hybrid_attention=attention,
