@@ -150,13 +150,14 @@ def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1 + w)
 
 
-def _reference_mtp_losses(model, ids, labels, mask):
-    """Float64, by hand: depth k at position i reads h^{k-1}_i and embed(x_{i+k}), scored on labels[i+k+1]."""
+def _reference_head_logprobs(model, ids, mask):
+    """Float64, by hand: (k, log-probs of depth k at positions 0..T-k-2) for k = 1..num_predict_tokens; depth k at
+    position i reads h^{k-1}_i and embed(x_{i+k}) and predicts x_{i+k+1}."""
     m = copy.deepcopy(model).double()
     mtp, eps = m.mtp, m.config.rms_norm_eps
     h, _ = m.model(ids, mask)
     emb = m.model.embed_tokens(ids)
-    T, losses = ids.shape[1], []
+    T = ids.shape[1]
     pad = mask.bool()
     pos = (pad.long().cumsum(-1) - 1).clamp(min=0)
     for k in range(1, m.config.num_predict_tokens + 1):
@@ -167,7 +168,13 @@ def _reference_mtp_losses(model, ids, labels, mask):
         allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & (keys[:, None, :] | torch.eye(n, dtype=torch.bool))
         pe = mtp.rotary_emb(x, pos[:, :n])
         h = _rms(mtp.layers[0](x, pe, attn_mask=allowed[:, None], pad_mask=None), mtp.norm.weight, eps)
-        logp = torch.log_softmax(h[:, : n - 1] @ m.lm_head.weight.T, -1)
+        yield k, torch.log_softmax(h[:, : n - 1] @ m.lm_head.weight.T, -1)
+
+
+def _reference_mtp_losses(model, ids, labels, mask):
+    """Float64: depth k at position i scored on labels[i+k+1]."""
+    losses = []
+    for k, logp in _reference_head_logprobs(model, ids, mask):
         target = labels[:, k + 1:]
         valid = target != -100
         nll = -logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
@@ -192,6 +199,32 @@ def test_mtp_loss_equals_float64_reference(model):
     weights = torch.tensor([0.3 * 0.8**k for k in range(4)], dtype=torch.float64)
     assert abs(out.loss.item() - (task_loss.item() + (weights * ref).sum().item())) < 1e-5
     assert model(ids).get("mtp_losses") is None  # no labels: no MTP loss
+
+
+def test_soft_self_distillation_loss_equals_float64_reference(model):
+    """train-mtp's default loss: depth k at position i against the backbone's distribution at i+k, KL(p ‖ q)."""
+    from hybridize.train.mtp import soft_depth_losses
+
+    ids = torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    m = copy.deepcopy(model).double()
+    backbone = torch.log_softmax(m.lm_head(m.model(ids, mask)[0]), -1)  # (B, T, V)
+    ref = torch.stack([(backbone[:, k: k + q.shape[1]].exp() * (backbone[:, k: k + q.shape[1]] - q)).sum(-1).mean()
+                       for k, q in _reference_head_logprobs(model, ids, mask)])
+    with torch.no_grad():
+        got = soft_depth_losses(model, ids)
+    assert got.shape == (4,) and (got.double() - ref).abs().max() < 1e-5 and (ref > 0).all()
+
+
+def test_train_mtp_learning_rate_warms_up_then_decays_to_a_tenth():
+    from hybridize.train.mtp import TrainMTPConfig
+
+    lrs = [TrainMTPConfig(steps=100, lr=1e-3).lr_at(s) for s in range(100)]
+    assert lrs[0] == pytest.approx(2e-4) and lrs[4] == pytest.approx(1e-3)  # 5 warmup steps
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False)) and lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    assert TrainMTPConfig(steps=10, warmup=0).lr_at(0) == pytest.approx(1e-3)
+    with pytest.raises(HybridizeError, match="targets must be one of soft, argmax"):
+        TrainMTPConfig(targets="hard")
 
 
 def test_mtp_loss_trains_only_what_it_should(model):
@@ -594,6 +627,7 @@ def test_bench_speculative_is_lossless_and_counts_acceptance(mtp_student, tmp_pa
     assert [r["batch"] for r in rows] == [1, 3]
     for r in rows:
         assert r["identical_rows"] == r["rows"] == 3 and r["first_divergence"] is None
+        assert r["verify_cuda_graph"] is False  # a CPU: the dynamic cache, eager
         assert 1.0 <= r["tokens_per_verify"] <= 3.0 and r["speedup"] > 0
     assert rows[0]["tokens_per_verify"] == rows[1]["tokens_per_verify"]  # same prompts, same drafts per row
     assert main(["bench", str(student), "--speculative", "--data", str(data)]) == 2

@@ -15,6 +15,7 @@ from hybridize.ops import (
     naive_causal_conv1d,
     naive_gated_delta_rule,
     recurrent_gated_delta_rule,
+    unit_lower_inverse,
 )
 
 F64, F32 = torch.float64, torch.float32
@@ -115,6 +116,14 @@ def test_all_states_closed_form_matches_recurrent_and_naive_fp64(T, heads, with_
         o_ref, s_ref = naive_gated_delta_rule(q[:, : t + 1], k[:, : t + 1], v[:, : t + 1], g[:, : t + 1],
                                               beta[:, : t + 1], initial_state=h0, output_final_state=True)
         assert maxdiff(o[:, t], o_ref[:, t]) <= 1e-10 and maxdiff(states[:, t], s_ref) <= 1e-10
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 9, 16])
+def test_unit_lower_inverse_equals_the_inverse_fp64(T):
+    """The matmul-only (I + A)^-1 of verify steps (capturable in a CUDA graph) against torch.linalg.inv."""
+    A = torch.randn(3, 2, T, T, dtype=torch.float64, generator=torch.Generator().manual_seed(T)).tril(-1)
+    want = torch.linalg.inv(A + torch.eye(T, dtype=torch.float64))
+    assert (unit_lower_inverse(A) - want).abs().max().item() <= 1e-12 * want.abs().max().item()
 
 
 def test_all_states_dtypes_and_dispatch(monkeypatch):

@@ -709,15 +709,16 @@ def _add_device_flag(p, what: str) -> None:
 
 
 def add_train_mtp_parser(sub) -> None:
-    from .train.mtp import TrainMTPConfig
+    from .train.mtp import TARGETS, TrainMTPConfig
 
     d = TrainMTPConfig()
     p = sub.add_parser(
         "train-mtp",
         help="train a hybrid's MTP heads (speculative decoding) alone, backbone frozen, on its own predictions",
         description="Load MODEL (a hybridize folder; heads are added when it has none), train its `mtp.*` heads on "
-        "--data with the backbone frozen: depth k learns the backbone's own argmax k tokens further "
-        "(self-distillation), and write the whole model to --out. While it trains, checkpoints (the heads, AdamW, "
+        "--data with the backbone frozen: depth k learns the backbone's own prediction k tokens further "
+        "(self-distillation: its distribution, or its argmax with --targets argmax), and write the whole model to "
+        "--out. While it trains, checkpoints (the heads, AdamW, "
         "the data position, the RNG; the frozen backbone comes from MODEL) go to the work folder OUT.partial beside "
         "OUT every --save-every steps; --resume continues from the latest one exactly, with the same settings. "
         "OUT.partial is removed once OUT is written.",
@@ -731,7 +732,14 @@ def add_train_mtp_parser(sub) -> None:
                    help=f"sequences per step, windows of the packed token stream [default: {d.batch_size}]")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
                    help=f"tokens per sequence [default: {d.seq_len}]")
-    p.add_argument("--lr", type=_float, default=d.lr, help=f"peak learning rate of the heads [default: {d.lr}]")
+    p.add_argument("--lr", type=_float, default=d.lr,
+                   help=f"peak learning rate of the heads, reached after --warmup steps, then a cosine to a tenth "
+                   f"[default: {d.lr}]")
+    p.add_argument("--warmup", type=_nonnegative_int, default=None,
+                   help="linear warmup steps [default: 5%% of --steps, at least 1]")
+    p.add_argument("--targets", choices=TARGETS, default=d.targets,
+                   help="what depth k learns at position i: 'soft' = KL to the backbone's distribution at i+k, "
+                   f"'argmax' = cross-entropy on its argmax there [default: {d.targets}]")
     p.add_argument("--num-predict-tokens", type=_positive_int, default=None,
                    help="MTP depths (tokens t+2 ..) [default: the model's, 4 for new heads]")
     p.add_argument("--save-every", type=_nonnegative_int, default=d.save_every, metavar="N",
@@ -754,8 +762,8 @@ def cmd_train_mtp(args) -> int:
     from .train.mtp import TrainMTPConfig, run_train_mtp
 
     config = TrainMTPConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                            num_predict_tokens=args.num_predict_tokens, save_every=args.save_every,
-                            stop_at=args.stop_at, device=args.device)
+                            warmup=args.warmup, targets=args.targets, num_predict_tokens=args.num_predict_tokens,
+                            save_every=args.save_every, stop_at=args.stop_at, device=args.device)
     summary = run_train_mtp(args.model, args.data, args.out, config, force=args.force,
                             progress=not args.no_progress, resume=args.resume)
     print(json.dumps(summary, indent=2))

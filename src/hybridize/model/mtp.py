@@ -130,7 +130,8 @@ class MTPDecoder:
 
     `stats` describes the last call: `tokens_per_verify` (mean tokens committed per verify forward and active
     row: accepted drafts + the backbone's own token), `mean_accepted_drafts`, `verify_steps` (row-steps), and
-    `accepted` (per verify step, the drafts each row accepted)."""
+    `accepted` (per verify step, the drafts each row accepted), `cuda_graph` (whether the verify steps were
+    replayed as CUDA graphs; False on the dynamic cache, on a CPU, or when the capture failed)."""
 
     def __init__(self, model):
         if model.mtp is None:
@@ -181,8 +182,10 @@ class MTPDecoder:
             committed += sum(int(n_acc[b]) + 1 for b in active)
             verifies += len(active)
             out.commit([rows[b][: int(n_acc[b])] + [int(tok[b])] for b in range(len(rows))])
+        step = getattr(cache, "decode_step", None)
         self.stats = {"verify_steps": verifies, "tokens_per_verify": committed / max(verifies, 1),
-                      "mean_accepted_drafts": committed / max(verifies, 1) - 1.0, "accepted": accepted}
+                      "mean_accepted_drafts": committed / max(verifies, 1) - 1.0, "accepted": accepted,
+                      "cuda_graph": bool(step is not None and step.use_graph)}
         return out.tensor()
 
 

@@ -183,6 +183,22 @@ def recurrent_gated_delta_rule(
     return o.to(v_dtype), (S if output_final_state else None)
 
 
+def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)^-1 for strictly lower-triangular A [..., T, T], with matmuls only: N = -A is nilpotent (N^T = 0), so
+    (I + A)^-1 = sum_{n<T} N^n = (I + N)(I + N^2)(I + N^4)...: ceil(log2 T) - 1 squarings. Why not
+    torch.linalg.solve_triangular: on CUDA it is cuBLAS's batched trsm, whose pointer arrays are set up from the
+    host, and a CUDA-graph capture of the verify step refuses that (as it refuses linalg.solve, pytorch/pytorch
+    #96632); the step then ran eagerly, hundreds of launches. Exact in exact arithmetic, like the solve; meant for
+    the small T of a verify step."""
+    T = A.shape[-1]
+    N = -A
+    inverse = torch.eye(T, dtype=A.dtype, device=A.device) + N  # covers N^0, N^1
+    for _ in range(max((T - 1).bit_length() - 1, 0)):  # each squaring doubles the powers covered
+        N = N @ N
+        inverse = inverse + inverse @ N
+    return inverse
+
+
 def all_states_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -215,8 +231,7 @@ def all_states_gated_delta_rule(
     M = (gam[..., :, None] - gam[..., None, :]).masked_fill(~incl, float("-inf")).exp()  # exp(gam_t - gam_j), j<=t
     A = (beta[..., None] * (k @ k.transpose(-1, -2)) * M).tril(-1)
     rhs = torch.cat([beta[..., None] * v, (beta * gam.exp())[..., None] * k], dim=-1)  # [B, H, T, V+K]
-    sol = torch.linalg.solve_triangular(A + torch.eye(T, dtype=A.dtype, device=A.device), rhs, upper=False,
-                                        unitriangular=True)
+    sol = unit_lower_inverse(A) @ rhs
     U = sol[..., :V] - sol[..., V:] @ S0  # [B, H, T, V]: the new values given the incoming state
     k_dec = M[..., None] * k[:, :, None]  # [B, H, T(t), T(j), K]: exp(gam_t - gam_j) k_j, zero for j > t
     S = gam.exp()[..., None, None] * S0[:, :, None] + k_dec.transpose(-1, -2) @ U[:, :, None]  # [B, H, T, K, V]

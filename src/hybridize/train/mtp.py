@@ -1,9 +1,13 @@
 """`hybridize train-mtp`: train a hybrid's MTP heads alone, backbone frozen, on the backbone's own predictions.
 
 Retrofitted heads get their acceptance from self-distillation: what speculative decoding accepts is the
-backbone's own next token, not the corpus's, so depth k at position i is trained on the backbone's argmax at
-position i+k (teacher-forced on the corpus tokens). The backbone runs once per batch under no_grad; only `mtp.*`
-has gradients. A model without heads gets fresh ones (mtp_num_hidden_layers = 1).
+backbone's own next token, not the corpus's, so depth k at position i is trained on the backbone's prediction at
+position i+k (teacher-forced on the corpus tokens): by default its whole distribution (`targets="soft"`, KL(p ‖ q)
+per depth, the Medusa-2 / EAGLE self-distillation), or only its argmax (`"argmax"`, cross-entropy). The backbone
+runs once per batch under no_grad; only `mtp.*` has gradients. The learning rate warms up linearly over
+`warmup` steps (None: 5 %) and decays along a cosine to a tenth of `lr`. On CUDA the step runs under bfloat16
+autocast (the heads' weights and AdamW stay float32). A model without heads gets fresh ones
+(mtp_num_hidden_layers = 1).
 
 Resumable: while it trains, the run lives in the work folder `OUT.partial/` beside OUT: `settings.json` (the
 settings a resume must repeat) and `checkpoints/step_N/` every `save_every` steps and at `stop_at`, each holding
@@ -17,6 +21,7 @@ run); the work folder is removed once OUT is in place.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -24,12 +29,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..device import resolve_device
 from ..errors import HybridizeError
 from ..model.modeling import HybridForCausalLM
-from ..model.mtp import MultiTokenPredictor, mtp_depth_losses
+from ..model.mtp import MultiTokenPredictor, mtp_depth_losses, mtp_depth_states
 from ..output import TOKENIZER_FILES, atomic_output_folder, check_not_an_input, copy_side_files
 from .checkpoint import PREFIX, STATE_FILE, checkpoint_root, complete_checkpoints, remove_unfinished
 from .data import PackedBatches, load_or_build_tokens
@@ -40,6 +46,7 @@ WORK_SUFFIX = ".partial"  # OUT.partial/: the run's checkpoints until OUT is wri
 SETTINGS_FILE = "settings.json"
 HEADS_FILE = "mtp.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+TARGETS = ("soft", "argmax")
 
 
 @dataclass
@@ -48,6 +55,8 @@ class TrainMTPConfig:
     batch_size: int = 8
     seq_len: int = 512
     lr: float = 1e-3
+    warmup: int | None = None  # linear warmup steps (None: 5 % of steps), then cosine to lr / 10
+    targets: str = "soft"  # soft: KL to the backbone's distribution; argmax: cross-entropy on its argmax
     num_predict_tokens: int | None = None  # None: keep the model's
     seed: int = 0
     save_every: int = 100  # checkpoint every N steps (0: none until the end; `stop_at` always saves)
@@ -59,6 +68,18 @@ class TrainMTPConfig:
             raise HybridizeError(f"save_every must be >= 0, got {self.save_every}")
         if self.stop_at is not None and self.stop_at < 1:
             raise HybridizeError(f"stop_at must be >= 1, got {self.stop_at}")
+        if self.targets not in TARGETS:
+            raise HybridizeError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
+        if self.warmup is not None and self.warmup < 0:
+            raise HybridizeError(f"warmup must be >= 0, got {self.warmup}")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step `step` (0-based): linear warmup, then a cosine from lr to lr / 10."""
+        warmup = max(1, self.steps // 20) if self.warmup is None else self.warmup
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.steps - warmup)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
     def settings(self) -> dict:
         """What a resume must repeat: everything but when this invocation stops or saves."""
@@ -97,11 +118,37 @@ def mtp_optimizer(model: HybridForCausalLM, config: TrainMTPConfig) -> torch.opt
     return torch.optim.AdamW(model.mtp.parameters(), lr=config.lr, weight_decay=0.0)
 
 
-def _mtp_step(model: HybridForCausalLM, opt: torch.optim.Optimizer, ids: torch.Tensor) -> list[float]:
-    """One AdamW step of the heads on a batch; returns the per-depth losses."""
+def soft_depth_losses(model: HybridForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """KL(backbone ‖ head) of each depth k = 1..num_predict_tokens, shape (depths,): depth k at position i is
+    scored against the backbone's distribution at position i+k (both predict token i+k+1), averaged over
+    positions; a depth with no position scores 0. Aligned like `mtp_depth_losses` with self-distillation labels."""
+    with torch.no_grad():
+        hidden, _ = model.model(input_ids)
+        target = F.log_softmax(model.lm_head(hidden).float(), dim=-1)  # (B, T, V): backbone at each position
+    depths = model.config.num_predict_tokens
+    losses = [target.new_zeros(()) for _ in range(depths)]
+    for k, h in mtp_depth_states(model.mtp, hidden, model.model.embed_tokens(input_ids), None, depths):
+        head = F.log_softmax(model.lm_head(h[:, :-1]).float(), dim=-1)  # positions 0..T-k-2
+        p = target[:, k: k + head.shape[1]]
+        losses[k - 1] = F.kl_div(head, p, reduction="none", log_target=True).sum(-1).mean()
+    return torch.stack(losses)
+
+
+def _mtp_losses(model: HybridForCausalLM, ids: torch.Tensor, targets: str) -> torch.Tensor:
+    if targets == "soft":
+        return soft_depth_losses(model, ids)
     hidden, labels = self_distillation_labels(model, ids)
-    losses = mtp_depth_losses(model.mtp, model.lm_head, hidden, model.model.embed_tokens(ids), labels, None,
-                              model.config.num_predict_tokens)
+    return mtp_depth_losses(model.mtp, model.lm_head, hidden, model.model.embed_tokens(ids), labels, None,
+                            model.config.num_predict_tokens)
+
+
+def _mtp_step(model: HybridForCausalLM, opt: torch.optim.Optimizer, ids: torch.Tensor, config: TrainMTPConfig,
+              step: int) -> list[float]:
+    """One AdamW step of the heads on a batch (bfloat16 autocast on CUDA); returns the per-depth losses."""
+    for group in opt.param_groups:
+        group["lr"] = config.lr_at(step)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda):
+        losses = _mtp_losses(model, ids, config.targets)
     opt.zero_grad(set_to_none=True)
     losses.mean().backward()
     opt.step()
@@ -127,7 +174,7 @@ def train_mtp(model: HybridForCausalLM, batches: PackedBatches, config: TrainMTP
     first, t0 = len(history), time.perf_counter()
     with StopSignals() as stop:
         for step in range(first, end):
-            history.append(_mtp_step(model, opt, torch.cat(batches.next_step()).long().to(device)))
+            history.append(_mtp_step(model, opt, torch.cat(batches.next_step()).long().to(device), config, step))
             done = step + 1
             if progress and (step % 10 == 0 or done == config.steps):
                 rate = (done - first) * config.batch_size * config.seq_len / (time.perf_counter() - t0)
@@ -275,7 +322,8 @@ def run_train_mtp(model_dir: str | Path, data: list[str], out: str | Path, confi
     first_step, train_start = len(history or []), time.perf_counter()
     history = train_mtp(model, batches, config, progress, optimizer=optimizer, history=history, save=save)
     trained_tokens = (len(history) - first_step) * config.batch_size * config.seq_len
-    summary = {"output": str(out), "device": str(device), "seconds": round(time.perf_counter() - start, 2),
+    summary = {"output": str(out), "device": str(device), "targets": config.targets,
+               "seconds": round(time.perf_counter() - start, 2),
                "tokens_per_s": round(trained_tokens / max(time.perf_counter() - train_start, 1e-9), 1),
                "steps": len(history),
                "first_losses": [round(v, 4) for v in history[0]] if history else [],
@@ -290,4 +338,4 @@ def run_train_mtp(model_dir: str | Path, data: list[str], out: str | Path, confi
 
 
 __all__ = ["TrainMTPConfig", "add_mtp_heads", "load_mtp_checkpoint", "run_train_mtp", "save_mtp_checkpoint",
-           "self_distillation_labels", "train_mtp", "work_folder"]
+           "self_distillation_labels", "soft_depth_losses", "train_mtp", "work_folder"]
