@@ -187,9 +187,10 @@ def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
     """(I + A)^-1 for strictly lower-triangular A [..., T, T], with matmuls only: N = -A is nilpotent (N^T = 0), so
     (I + A)^-1 = sum_{n<T} N^n = (I + N)(I + N^2)(I + N^4)...: ceil(log2 T) - 1 squarings. Why not
     torch.linalg.solve_triangular: on CUDA it is cuBLAS's batched trsm, whose pointer arrays are set up from the
-    host, and a CUDA-graph capture of the verify step refuses that (as it refuses linalg.solve, pytorch/pytorch
-    #96632); the step then ran eagerly, hundreds of launches. Exact in exact arithmetic, like the solve; meant for
-    the small T of a verify step."""
+    host, which a CUDA-graph capture may refuse (it refuses linalg.solve, pytorch/pytorch#96632); with it, the
+    H200 verify step cost what an eager step costs (speculative decoding at 0.19x plain, 2026-12-03), the sign of
+    a failed capture. Matmuls capture. Exact in exact arithmetic, like the solve; meant for a verify step's small
+    T."""
     T = A.shape[-1]
     N = -A
     inverse = torch.eye(T, dtype=A.dtype, device=A.device) + N  # covers N^0, N^1
