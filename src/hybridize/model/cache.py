@@ -100,9 +100,13 @@ class HybridCache:
         n_keep = torch.as_tensor(n_keep).to("cpu", torch.long).expand(B)
         if int(n_keep.min()) < 1 or int(n_keep.max()) > T:
             raise ValueError(f"n_keep must lie in [1, {T}] (the last forward's length), got {n_keep.tolist()}")
+        if self._checkpoints:  # one index for every layer: a verify step's rollback is a few kernels per layer
+            if bool((n_keep == n_keep[0]).all()):  # every row keeps as many (batch 1): a view, no gather
+                pick = (slice(None), int(n_keep[0]) - 1)
+            else:
+                pick = (torch.arange(B, device=device), (n_keep - 1).to(device))
         for i, (conv, rec) in self._checkpoints.items():
-            rows = torch.arange(B, device=conv.device)
-            self._set_linear(i, conv[rows, n_keep.to(conv.device) - 1], rec[rows, n_keep.to(rec.device) - 1])
+            self._set_linear(i, conv[pick], rec[pick])
         self._checkpoints = {}
         keep = past + int(n_keep.max())
         self._keep_kv(keep)
