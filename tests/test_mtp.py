@@ -202,7 +202,7 @@ def test_mtp_loss_equals_float64_reference(model):
 
 
 def test_soft_self_distillation_loss_equals_float64_reference(model):
-    """train-mtp's default loss: depth k at position i against the backbone's distribution at i+k, KL(p ‖ q)."""
+    """train-mtp --targets soft: depth k at position i against the backbone's distribution at i+k, KL(p ‖ q)."""
     from hybridize.train.mtp import soft_depth_losses
 
     ids = torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(4))
@@ -223,7 +223,7 @@ def test_train_mtp_learning_rate_warms_up_then_decays_to_a_tenth():
     assert lrs[0] == pytest.approx(2e-4) and lrs[4] == pytest.approx(1e-3)  # 5 warmup steps
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False)) and lrs[-1] == pytest.approx(1e-4, rel=0.01)
     assert TrainMTPConfig(steps=10, warmup=0).lr_at(0) == pytest.approx(1e-3)
-    with pytest.raises(HybridizeError, match="targets must be one of soft, argmax"):
+    with pytest.raises(HybridizeError, match="targets must be one of argmax, soft"):
         TrainMTPConfig(targets="hard")
 
 

@@ -717,7 +717,7 @@ def add_train_mtp_parser(sub) -> None:
         help="train a hybrid's MTP heads (speculative decoding) alone, backbone frozen, on its own predictions",
         description="Load MODEL (a hybridize folder; heads are added when it has none), train its `mtp.*` heads on "
         "--data with the backbone frozen: depth k learns the backbone's own prediction k tokens further "
-        "(self-distillation: its distribution, or its argmax with --targets argmax), and write the whole model to "
+        "(self-distillation: its argmax, or its distribution with --targets soft), and write the whole model to "
         "--out. While it trains, checkpoints (the heads, AdamW, "
         "the data position, the RNG; the frozen backbone comes from MODEL) go to the work folder OUT.partial beside "
         "OUT every --save-every steps; --resume continues from the latest one exactly, with the same settings. "
@@ -738,8 +738,8 @@ def add_train_mtp_parser(sub) -> None:
     p.add_argument("--warmup", type=_nonnegative_int, default=None,
                    help="linear warmup steps [default: 5%% of --steps, at least 1]")
     p.add_argument("--targets", choices=TARGETS, default=d.targets,
-                   help="what depth k learns at position i: 'soft' = KL to the backbone's distribution at i+k, "
-                   f"'argmax' = cross-entropy on its argmax there [default: {d.targets}]")
+                   help="what depth k learns at position i: 'argmax' = cross-entropy on the backbone's argmax at "
+                   f"i+k, 'soft' = KL to its distribution there (tied on SmolLM2, costs more) [default: {d.targets}]")
     p.add_argument("--num-predict-tokens", type=_positive_int, default=None,
                    help="MTP depths (tokens t+2 ..) [default: the model's, 4 for new heads]")
     p.add_argument("--save-every", type=_nonnegative_int, default=d.save_every, metavar="N",
