@@ -298,6 +298,13 @@ def test_kl_selection_is_the_default_unless_a_layout_or_none_is_given(workspace,
     (tmp_path / "out" / "heal.json").write_text(json.dumps({"settings": {"heal": {"select_layers": None}}}))
     assert chosen("--resume") == (None, None)
     assert chosen() == ("kl", None)  # a new run in the same place is run_heal's to refuse
+    from hybridize.heal import check_job
+    from hybridize.transfer.config import HybridAttentionConfig
+
+    job = jobs[-1]  # from Python: a default HealConfig with an explicit layout is a contradiction, not an override
+    job.transfer = CrossArchTransferConfig(hybrid_attention=HybridAttentionConfig(attention_layers=[1]))
+    with pytest.raises(HybridizeError, match=r"select_layers='kl' would replace the layout"):
+        check_job(job)
 
 
 def test_select_layers_chooses_the_attention_layers_before_converting(workspace, tmp_path, capsys):

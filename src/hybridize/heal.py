@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .errors import HybridizeError
 from .output import atomic_output_folder, check_not_an_input, json_safe
 from .train.config import DistillConfig
-from .transfer.config import CrossArchTransferConfig
+from .transfer.config import CrossArchTransferConfig, HybridAttentionConfig
 from .transfer.select import METHODS as SELECT_METHODS
 
 STATE_FILE = "heal.json"
@@ -266,7 +266,6 @@ def _select_layers(job: HealJob, progress: bool) -> dict:
     """`select-layers --method job.heal.select_layers` on the training data (its defaults; passkey: one prompt per
     window, made from the text); the job converts with the chosen layers."""
     from .train.data import needs_tokenizer
-    from .transfer.config import HybridAttentionConfig
     from .transfer.select import SelectConfig, select_attention_layers
 
     method = job.heal.select_layers
@@ -345,11 +344,15 @@ def _evaluate(job: HealJob, model_dir: Path, progress: bool, partial: dict, save
 
 def check_job(job: HealJob) -> None:
     """Mistakes found before anything is written: missing data, an OUT that is or holds an input, --sharding none
-    with --gpus > 1, --select-layers passkey without text."""
+    with --gpus > 1, a layer selection that would override an explicit layout, --select-layers passkey without
+    text."""
     from .train.data import needs_tokenizer
     from .train.parallelize import resolve_sharding
 
     resolve_sharding(job.distill.sharding, job.heal.gpus)
+    if job.heal.select_layers and job.transfer.hybrid_attention != HybridAttentionConfig():
+        raise HybridizeError(f"select_layers={job.heal.select_layers!r} would replace the layout the transfer config "
+                             "sets; pass select_layers=None (--select-layers none) to keep that layout")
     for path in [*job.data, *job.eval_data]:
         if not Path(path).expanduser().exists():
             raise HybridizeError(f"data path {path} does not exist")
