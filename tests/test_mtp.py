@@ -628,6 +628,8 @@ def test_bench_speculative_is_lossless_and_counts_acceptance(mtp_student, tmp_pa
     for r in rows:
         assert r["identical_rows"] == r["rows"] == 3 and r["first_divergence"] is None
         assert r["verify_cuda_graph"] is False  # a CPU: the dynamic cache, eager
+        assert set(r["phase_ms_per_verify"]) == {"draft", "verify", "rollback", "heads"}
+        assert all(v > 0 for v in r["phase_ms_per_verify"].values())
         assert 1.0 <= r["tokens_per_verify"] <= 3.0 and r["speedup"] > 0
     assert rows[0]["tokens_per_verify"] == rows[1]["tokens_per_verify"]  # same prompts, same drafts per row
     assert main(["bench", str(student), "--speculative", "--data", str(data)]) == 2

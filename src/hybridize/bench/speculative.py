@@ -8,7 +8,9 @@ offsets) are decoded greedily twice on the same engine:
     speculative  `model.mtp_decoder.generate(num_draft_tokens=K, cache_implementation=...)`: K drafts from the MTP
                  heads, one K+1-token verify step of the backbone, rollback to the accepted position
 
-Both run one untimed call first (CUDA-graph capture, kernel autotuning). tok/s counts the new tokens each row kept
+Both run one untimed call first (CUDA-graph capture, kernel autotuning), and the speculative one an untimed last
+call with its phase clock on (`phase_ms_per_verify`: drafting, verify forward, rollback, heads' update, the device
+synced between them). tok/s counts the new tokens each row kept
 (up to and including its EOS) over the wall time of all batches; `tokens_per_verify` is the decoder's own mean
 (accepted drafts + the backbone's token, per verify step and row). Greedy speculative decoding is lossless, so
 the two outputs must be equal: `identical_rows` says how many are; in bfloat16 a row can still part where the
@@ -89,6 +91,20 @@ def _decode_all(run, prompts: torch.Tensor, batch: int, device: torch.device) ->
     return time.perf_counter() - start, outputs
 
 
+def _phase_profile(model, speculative, prompts: torch.Tensor, stats: list[dict]) -> dict[str, float]:
+    """One more (untimed) speculative call with the decoder's phase clock on: milliseconds per verify step (and
+    row-step) spent drafting, in the verify forward, the rollback and the heads' update — where a verify step's
+    time goes."""
+    model.mtp_decoder.time_phases = True
+    try:
+        speculative(prompts)
+    finally:
+        model.mtp_decoder.time_phases = False
+    last = stats.pop()
+    steps = max(last["verify_steps"], 1)
+    return {name: round(1000 * sec / steps, 4) for name, sec in last["phase_seconds"].items()}
+
+
 @torch.no_grad()
 def measure_speculative(model, prompts: torch.Tensor, batch: int, cfg: SpeculativeBenchConfig,
                         device: torch.device, cache: str) -> dict:
@@ -113,6 +129,7 @@ def measure_speculative(model, prompts: torch.Tensor, batch: int, cfg: Speculati
     stats.clear()
     spec_s, spec_out = _decode_all(speculative, prompts, batch, device)
     stats = stats[1:]  # the untimed warm-up call's stats
+    phases = _phase_profile(model, speculative, prompts[:batch].to(device), stats)
     plain_rows = [r for out in plain_out for r in kept_tokens(out, eos_ids)]
     spec_rows = [r for out in spec_out for r in kept_tokens(out, eos_ids)]
     diverged = [_first_difference(p, s) for p, s in zip(plain_rows, spec_rows, strict=True) if p != s]
@@ -125,6 +142,7 @@ def measure_speculative(model, prompts: torch.Tensor, batch: int, cfg: Speculati
            "identical_rows": len(plain_rows) - len(diverged), "rows": len(plain_rows),
            "first_divergence": min(diverged) if diverged else None,
            "verify_cuda_graph": all(s["cuda_graph"] for s in stats),
+           "phase_ms_per_verify": phases,
            "plain_seconds": round(plain_s, 4), "speculative_seconds": round(spec_s, 4)}
     row["speedup"] = round(row["speculative_tokens_per_s"] / row["plain_tokens_per_s"], 4)
     return row
@@ -177,4 +195,7 @@ def format_table(report: dict) -> str:
                      f"{r['speculative_tokens_per_s']:>12,.1f}{r['speedup']:>9.2f}{r['tokens_per_verify']:>12.2f}"
                      f"{r['identical_rows']:>6}/{r['rows']:<4}"
                      f"{'graph' if r.get('verify_cuda_graph') else 'eager':>8}")
+        phases = r.get("phase_ms_per_verify") or {}
+        if phases:
+            lines.append("    ms per verify step: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     return "\n".join(lines)

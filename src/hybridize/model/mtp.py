@@ -22,7 +22,9 @@ On a StaticHybridCache (the default on CUDA) the verify forward is the fixed-buf
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
@@ -131,7 +133,11 @@ class MTPDecoder:
     `stats` describes the last call: `tokens_per_verify` (mean tokens committed per verify forward and active
     row: accepted drafts + the backbone's own token), `mean_accepted_drafts`, `verify_steps` (row-steps), and
     `accepted` (per verify step, the drafts each row accepted), `cuda_graph` (whether the verify steps were
-    replayed as CUDA graphs; False on the dynamic cache, on a CPU, or when the capture failed)."""
+    replayed as CUDA graphs; False on the dynamic cache, on a CPU, or when the capture failed) and, when
+    `time_phases` is set, `phase_seconds`: wall time in drafting, the verify forward, the rollback and the heads'
+    update (the device synced at every boundary, which slows the call: for profiling, not for speed numbers)."""
+
+    time_phases = False
 
     def __init__(self, model):
         if model.mtp is None:
@@ -165,6 +171,7 @@ class MTPDecoder:
         cache = (static_cache_for(self.model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens + K + 1)
                  if cache_implementation == "static" else HybridCache(self.model.config))
         run = _Run(self.model, input_ids, attention_mask, do_sample, temperature, generator, cache)
+        run.clock = _PhaseClock(self.time_phases, self.model.device)
         eos = eos_token_id if eos_token_id is not None else self.model.config.eos_token_id
         out = _Output(input_ids, max_new_tokens, eos, pad_token_id, self.model.config)
         tok = run.prefill()
@@ -174,7 +181,8 @@ class MTPDecoder:
         while not out.all_done():
             k = min(K, out.max_remaining() - 1)
             active = out.active()
-            drafts, q = run.draft(tok, k)
+            with run.clock("draft"):
+                drafts, q = run.draft(tok, k)
             run.make_room(k + 1, out.max_remaining() + K + 1)
             n_acc, tok = run.verify(tok, drafts, q)
             rows = drafts.tolist()
@@ -185,13 +193,38 @@ class MTPDecoder:
         step = getattr(cache, "decode_step", None)
         self.stats = {"verify_steps": verifies, "tokens_per_verify": committed / max(verifies, 1),
                       "mean_accepted_drafts": committed / max(verifies, 1) - 1.0, "accepted": accepted,
-                      "cuda_graph": bool(step is not None and step.use_graph)}
+                      "cuda_graph": bool(step is not None and step.use_graph),
+                      **({"phase_seconds": run.clock.seconds} if self.time_phases else {})}
         return out.tensor()
+
+
+class _PhaseClock:
+    """Wall time per decoding phase when `on`, the device synced at each boundary; otherwise it does nothing."""
+
+    def __init__(self, on: bool, device: torch.device):
+        self.on, self.device, self.seconds = on, device, {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, name: str):
+        if not self.on:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 class _Run:
     """The decoding state of one `generate` call: backbone cache, MTP cache, the MTP hidden state of each row's
     last kept position."""
+
+    clock = _PhaseClock(False, torch.device("cpu"))
 
     def __init__(self, model, input_ids, attention_mask, do_sample, temperature, generator, cache: HybridCache):
         if do_sample and not temperature > 0:
@@ -252,15 +285,18 @@ class _Run:
         accepted per row (B,) and the token that follows them (B,): the backbone's correction, or its bonus token
         when every draft was accepted."""
         self.cache.checkpointing = True
-        hidden, logits = forward_new_tokens(self.model, self.cache, torch.cat([tok[:, None], drafts], dim=1))
-        n_acc, new = (self._accept_sampled(logits, drafts, q) if self.do_sample
-                      else _accept_greedy(logits, drafts))
-        self.cache.rollback(n_acc + 1)
+        with self.clock("verify"):
+            hidden, logits = forward_new_tokens(self.model, self.cache, torch.cat([tok[:, None], drafts], dim=1))
+            n_acc, new = (self._accept_sampled(logits, drafts, q) if self.do_sample
+                          else _accept_greedy(logits, drafts))
+        with self.clock("rollback"):
+            self.cache.rollback(n_acc + 1)
         self.cache.checkpointing = False
-        keep = int(n_acc.max()) + 1
-        slots = torch.arange(keep, device=drafts.device)[None, :]  # next token of slot i: drafts[i] or `new`
-        nxt = torch.where(slots < n_acc[:, None], F.pad(drafts, (0, 1))[:, :keep], new[:, None])
-        self.advance_mtp(hidden[:, :keep], nxt, n_acc)
+        with self.clock("heads"):
+            keep = int(n_acc.max()) + 1
+            slots = torch.arange(keep, device=drafts.device)[None, :]  # next token of slot i: drafts[i] or `new`
+            nxt = torch.where(slots < n_acc[:, None], F.pad(drafts, (0, 1))[:, :keep], new[:, None])
+            self.advance_mtp(hidden[:, :keep], nxt, n_acc)
         return n_acc, new
 
     def _accept_sampled(self, logits, drafts, q) -> tuple[torch.Tensor, torch.Tensor]:
