@@ -170,8 +170,8 @@ class MTPDecoder:
                                  "'dynamic'")
         cache = (static_cache_for(self.model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens + K + 1)
                  if cache_implementation == "static" else HybridCache(self.model.config))
-        run = _Run(self.model, input_ids, attention_mask, do_sample, temperature, generator, cache)
-        run.clock = _PhaseClock(self.time_phases, self.model.device)
+        run = _Run(self.model, input_ids, attention_mask, do_sample, temperature, generator, cache,
+                   _PhaseClock(self.time_phases, self.model.device))
         eos = eos_token_id if eos_token_id is not None else self.model.config.eos_token_id
         out = _Output(input_ids, max_new_tokens, eos, pad_token_id, self.model.config)
         tok = run.prefill()
@@ -224,14 +224,13 @@ class _Run:
     """The decoding state of one `generate` call: backbone cache, MTP cache, the MTP hidden state of each row's
     last kept position."""
 
-    clock = _PhaseClock(False, torch.device("cpu"))
-
-    def __init__(self, model, input_ids, attention_mask, do_sample, temperature, generator, cache: HybridCache):
+    def __init__(self, model, input_ids, attention_mask, do_sample, temperature, generator, cache: HybridCache,
+                 clock: _PhaseClock):
         if do_sample and not temperature > 0:
             raise HybridizeError(f"temperature is {temperature!r}; it must be > 0 when sampling")
         self.model, self.ids, self.mask = model, input_ids, attention_mask
         self.do_sample, self.temperature, self.generator = do_sample, temperature, generator
-        self.cache, self.mtp_cache = cache, mtp_cache()
+        self.cache, self.mtp_cache, self.clock = cache, mtp_cache(), clock
         self.h_mtp: torch.Tensor | None = None  # (B, D) MTP output at each row's last kept position
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
