@@ -1064,7 +1064,9 @@ def add_heal_parser(sub) -> None:
         "heal",
         help="the whole healing job in one resumable command: convert, align, distill, (long context), evaluate",
         description=(
-            "Convert SOURCE into a hybrid (calibrated on --data unless --no-calibrate), then heal it in stages, each "
+            "Convert SOURCE into a hybrid (its attention layers chosen by `select-layers --method kl` on --data "
+            "unless --select-layers or a layout flag says otherwise; calibrated on --data unless --no-calibrate), "
+            "then heal it in stages, each "
             "a `hybridize distill` run started from the "
             "previous one: align (per-layer hidden-state alignment, DeltaNet layers only) -> kd (end-to-end "
             "distillation) -> long (long windows, with --long-context-tokens) -> OUT/final, a normal model folder "
