@@ -1148,7 +1148,7 @@ def _heal_selection(args) -> str | None:
     default."""
     from pathlib import Path
 
-    from .heal import STATE_FILE, HealConfig
+    from .heal import HealConfig, recorded_heal_settings
 
     layout = (args.pattern, args.period, args.attention_layers) != (None, None, None)
     if args.select_layers is not None:
@@ -1157,13 +1157,8 @@ def _heal_selection(args) -> str | None:
         return None if args.select_layers == "none" else args.select_layers
     if layout:
         return None
-    state = Path(args.out).expanduser() / STATE_FILE
-    if args.resume and state.is_file():
-        try:
-            return json.loads(state.read_text())["settings"]["heal"]["select_layers"]
-        except (ValueError, KeyError, TypeError):
-            pass  # an unreadable heal.json: run_heal says so
-    return HealConfig.select_layers
+    recorded = recorded_heal_settings(Path(args.out).expanduser()) if args.resume else None
+    return HealConfig.select_layers if recorded is None else recorded.get("select_layers")
 
 
 def cmd_heal(args) -> int:

@@ -81,7 +81,8 @@ class HealConfig:
             (self.align_lr > 0 and (self.long_lr is None or self.long_lr > 0), "learning rates must be > 0"),
             (self.eval_tokens >= 1 and self.passkey_trials >= 1, "--eval-tokens and --passkey-trials must be >= 1"),
             (self.gpus >= 1, "--gpus must be >= 1"),
-            (self.select_layers in (None, *SELECT_METHODS), f"--select-layers must be one of {SELECT_METHODS} or none"),
+            (self.select_layers in (None, *SELECT_METHODS),
+             f"--select-layers must be one of {', '.join(SELECT_METHODS)} or none"),
         ]
         for ok, message in checks:
             if not ok:
@@ -156,6 +157,11 @@ def _read_state(out: Path) -> dict:
     except (OSError, ValueError) as e:
         raise HybridizeError(f"{out / STATE_FILE} is unreadable ({type(e).__name__}); it is not a heal folder, "
                              "or the file was damaged: start a new --out") from None
+
+
+def recorded_heal_settings(out: Path) -> dict | None:
+    """The HealConfig fields (as heal.json keeps them) of the heal run in `out`, None when `out` holds none."""
+    return _read_state(out)["settings"].get("heal", {}) if (out / STATE_FILE).is_file() else None
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -92,16 +92,16 @@ def _decode_all(run, prompts: torch.Tensor, batch: int, device: torch.device) ->
 
 
 def _phase_profile(model, speculative, prompts: torch.Tensor, stats: list[dict]) -> dict[str, float]:
-    """One more (untimed) speculative call with the decoder's phase clock on: milliseconds per verify step (and
-    row-step) spent drafting, in the verify forward, the rollback and the heads' update — where a verify step's
-    time goes."""
+    """One more (untimed) speculative call with the decoder's phase clock on: milliseconds per verify step (one
+    backbone forward for the whole batch) spent drafting, in the verify forward, the rollback and the heads'
+    update — where a verify step's time goes."""
     model.mtp_decoder.time_phases = True
     try:
         speculative(prompts)
     finally:
         model.mtp_decoder.time_phases = False
     last = stats.pop()
-    steps = max(last["verify_steps"], 1)
+    steps = max(len(last["accepted"]), 1)  # verify forwards; `verify_steps` counts row-steps
     return {name: round(1000 * sec / steps, 4) for name, sec in last["phase_seconds"].items()}
 
 
