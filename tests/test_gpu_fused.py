@@ -95,6 +95,27 @@ def test_gated_delta_net_core(monkeypatch, dtype, T):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 3])
+def test_all_states_token_by_token_equal_the_closed_form(monkeypatch, dtype, B):
+    """A verify step's states (fla's one-token kernel once per token) against the closed-form PyTorch op."""
+    T, Hk, Hv, K, V = 4, 2, 4, 64, 64
+    q, k = randn(B, T, Hk, K, dtype=dtype, grad=False), randn(B, T, Hk, K, dtype=dtype, grad=False)
+    v, a, b = randn(B, T, Hv, V, dtype=dtype, grad=False), randn(B, T, Hv, dtype=dtype, grad=False), \
+        randn(B, T, Hv, dtype=dtype, grad=False)
+    A_log, dt_bias = torch.empty(Hv, device="cuda").uniform_(0, 2.7), torch.empty(Hv, device="cuda").uniform_(-6, -2)
+    h0 = randn(B, Hv, K, V, scale=0.1, grad=False)
+    results = []
+    for disable in ("0", "1"):
+        monkeypatch.setenv("HYBRIDIZE_DISABLE_FLA", disable)
+        with torch.no_grad():
+            results.append(dispatch.gated_delta_net(q, k, v, a, b, A_log, dt_bias, initial_state=h0,
+                                                    output_all_states=True))
+    (o, states), (o_ref, states_ref) = results
+    assert states.shape == states_ref.shape == (B, T, Hv, K, V) and states.dtype == torch.float32
+    check("all states token by token", [o, states], [o_ref, states_ref], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norms_and_swiglu(monkeypatch, dtype):
     x, z = randn(3, 50, 4, 128, dtype=dtype), randn(3, 50, 4, 128, dtype=dtype)
     w_gated = (1 + 0.1 * torch.randn(128, device="cuda")).to(dtype).requires_grad_(True)
@@ -105,3 +126,17 @@ def test_norms_and_swiglu(monkeypatch, dtype):
     check("rms_norm (1 + w)", fused, ref, dtype)
     fused, ref = both_paths(monkeypatch, lambda x, z: [dispatch.silu_mul(x, z)], [x, z])
     check("silu_mul", fused, ref, dtype)
+
+
+def test_small_eager_calls_take_the_pytorch_ops_unless_always_fused(monkeypatch):
+    """Host-bound eager calls (no grad, small) skip fla's wrappers; the fixed-buffer step (always_fused) keeps them."""
+    calls = []
+    fla = dispatch._fla()
+    monkeypatch.setattr(fla, "rms_norm", lambda *a, **k: calls.append("fla") or a[0])
+    x, scale = randn(4, 64, grad=False), torch.ones(64, device="cuda")
+    with torch.no_grad():
+        ref = dispatch.scaled_rms_norm(x, scale, 1e-6)
+        assert calls == [] and rel(ref, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)) < 1e-6
+        with dispatch.always_fused():
+            dispatch.scaled_rms_norm(x, scale, 1e-6)
+    assert calls == ["fla"]

@@ -130,3 +130,7 @@ def test_speculative_on_the_graph_engine_equals_plain_greedy():
     print(f"speculative on the graph engine: tokens per verify {stats['tokens_per_verify']:.2f}")
     assert torch.equal(want, got)
     assert stats["cuda_graph"]  # the verify steps were captured, not run eagerly after a failed capture
+    assert stats["heads_cuda_graph"]  # so were the MTP heads' draft and update steps
+    # the graphed heads draft what the eager heads (dynamic cache) draft: the same acceptance, step for step
+    assert model.mtp_decoder.generate(ids, max_new_tokens=48, cache_implementation="dynamic").equal(want)
+    assert model.mtp_decoder.stats["accepted"] == stats["accepted"]

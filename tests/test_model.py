@@ -178,3 +178,22 @@ def test_save_and_auto_load_round_trip_is_exact(tmp_path, tie):
 def test_bad_layer_schedule_is_refused():
     with pytest.raises(ValueError, match="layer_types"):
         HybridForCausalLM(tiny_config(layer_types=["full_attention"] * 3))
+
+
+@pytest.mark.parametrize("T", [1, 4, 17])
+def test_masked_grouped_query_attention_equals_repeated_heads(T):
+    """The folded GQA path of decode/verify steps (query heads of one KV head on the query axis, the mask row of
+    each token repeated per head) against plain attention over K/V repeated to every query head."""
+    from hybridize.model.layers import _attend
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, d = 2, 8, 2, 23, 16
+    q, k, v = (torch.randn(B, h, t, d, generator=gen, dtype=torch.float64) for h, t in ((H, T), (Hkv, S), (Hkv, S)))
+    mask = torch.rand(B, 1, T, S, generator=gen) < 0.7
+    mask[..., 0] = True  # every query sees at least one key
+    y = _attend(q, k, v, mask, 0.0, d**-0.5)
+    kr, vr = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    scores = (q @ kr.transpose(-1, -2) * d**-0.5).masked_fill(~mask, float("-inf"))
+    ref = scores.softmax(-1) @ vr
+    assert y.shape == (B, H, T, d)
+    assert (y - ref).abs().max().item() < 1e-12

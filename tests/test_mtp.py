@@ -652,3 +652,27 @@ def test_speculative_calls_reuse_the_static_cache(trained):
             first = held
     assert held is first and held.rows == 1
     trained.release_static_cache()
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_fixed_heads_draft_what_the_eager_heads_draft(trained, monkeypatch, k):
+    """Greedy on a static cache drafts with the fixed-buffer MTP steps (hybridize.model.mtp_step), on the dynamic
+    cache with the eager module and its own cache: the same drafts, so the same acceptance in every verify step —
+    batch 2 with a left-padded row, rows accepting different numbers of drafts (holes in both caches)."""
+    from hybridize.model import mtp_step
+
+    ids, mask = prompts()
+    ids, mask = ids[[2, 6]], mask[[2, 6]]
+    calls = []
+    draft = mtp_step.FixedMTPHeads.draft
+    monkeypatch.setattr(mtp_step.FixedMTPHeads, "draft", lambda self, n: calls.append(n) or draft(self, n))
+    runs = {}
+    for cache in ("dynamic", "static"):
+        out = trained.mtp_decoder.generate(ids, max_new_tokens=23, attention_mask=mask, num_draft_tokens=k,
+                                           cache_implementation=cache)
+        runs[cache] = (out, trained.mtp_decoder.stats["accepted"])
+    assert calls and set(calls) <= set(range(1, k + 1))  # the static run drafted through the fixed heads
+    assert torch.equal(runs["static"][0], runs["dynamic"][0])
+    assert runs["static"][1] == runs["dynamic"][1]
+    if k > 1:
+        assert any(len(set(step)) > 1 for step in runs["static"][1])  # holes: rows accepted different counts

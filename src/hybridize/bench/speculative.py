@@ -142,6 +142,7 @@ def measure_speculative(model, prompts: torch.Tensor, batch: int, cfg: Speculati
            "identical_rows": len(plain_rows) - len(diverged), "rows": len(plain_rows),
            "first_divergence": min(diverged) if diverged else None,
            "verify_cuda_graph": all(s["cuda_graph"] for s in stats),
+           "heads_cuda_graph": all(s.get("heads_cuda_graph", False) for s in stats),
            "phase_ms_per_verify": phases,
            "plain_seconds": round(plain_s, 4), "speculative_seconds": round(spec_s, 4)}
     row["speedup"] = round(row["speculative_tokens_per_s"] / row["plain_tokens_per_s"], 4)
@@ -189,12 +190,13 @@ def format_table(report: dict) -> str:
     lines = [f"speculative decoding, {cfg['model']}, {cfg['draft_tokens']} drafts, {report['dtype']}, "
              f"{report['cache']} cache, {report['device']}, kernels: {report['kernels']}",
              f"{'data':<28}{'batch':>6}{'plain tok/s':>13}{'spec tok/s':>12}{'speedup':>9}{'tok/verify':>12}"
-             f"{'identical':>11}{'verify':>8}"]
+             f"{'identical':>11}{'verify':>8}{'heads':>7}"]
     for r in report["rows"]:
         lines.append(f"{r['data'][-28:]:<28}{r['batch']:>6}{r['plain_tokens_per_s']:>13,.1f}"
                      f"{r['speculative_tokens_per_s']:>12,.1f}{r['speedup']:>9.2f}{r['tokens_per_verify']:>12.2f}"
                      f"{r['identical_rows']:>6}/{r['rows']:<4}"
-                     f"{'graph' if r.get('verify_cuda_graph') else 'eager':>8}")
+                     f"{'graph' if r.get('verify_cuda_graph') else 'eager':>8}"
+                     f"{'graph' if r.get('heads_cuda_graph') else 'eager':>7}")
         phases = r.get("phase_ms_per_verify") or {}
         if phases:
             lines.append("    ms per verify step: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))

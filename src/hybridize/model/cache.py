@@ -65,6 +65,10 @@ class HybridCache:
     def _set_linear(self, layer_idx: int, conv_state, recurrent_state) -> None:
         self.conv_states[layer_idx], self.recurrent_states[layer_idx] = conv_state, recurrent_state
 
+    def _set_linear_states(self, states: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for i, (conv, rec) in states.items():
+            self._set_linear(i, conv, rec)
+
     def _keep_checkpoints(self, layer_idx: int, conv_states: torch.Tensor, recurrent_states: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Where a layer's per-position states (B, T, ...) live until `rollback`: here, the tensors themselves."""
@@ -105,8 +109,7 @@ class HybridCache:
                 pick = (slice(None), int(n_keep[0]) - 1)
             else:
                 pick = (torch.arange(B, device=device), (n_keep - 1).to(device))
-        for i, (conv, rec) in self._checkpoints.items():
-            self._set_linear(i, conv[pick], rec[pick])
+        self._set_linear_states({i: (conv[pick], rec[pick]) for i, (conv, rec) in self._checkpoints.items()})
         self._checkpoints = {}
         keep = past + int(n_keep.max())
         self._keep_kv(keep)

@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from .layers import frozen_weights
+from .layers import fixed_buffer_step
 from .static_cache import StaticHybridCache
 
 
@@ -49,15 +49,76 @@ def is_decode_step(cache, input_ids, inputs_embeds, position_ids, labels, output
             and cache.seq_length > 0 and not torch.is_grad_enabled())
 
 
+class GraphPolicy:
+    """Whether the GraphedCalls of one step run as CUDA graphs: `use_graph` turns False for all of them when one
+    capture fails (a kernel that syncs with the host), unless `strict` (asked for explicitly), which raises."""
+
+    def __init__(self, use_graph: bool, strict: bool, what: str):
+        self.use_graph, self.strict, self.what = use_graph, strict, what
+
+
+class GraphedCall:
+    """`fn()` on fixed input and output buffers, replayed as a CUDA graph under its policy: the first call runs
+    eagerly on a side stream (Triton autotuning, cuBLAS workspaces and lazily allocated buffers happen outside the
+    capture), the second captures the graph, every call from then on replays it and returns copies of its output
+    tensors (the next replay overwrites them). Without graphs, `fn()` itself."""
+
+    def __init__(self, fn, policy: GraphPolicy):
+        self.fn, self.policy = fn, policy
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out = None  # the graph's outputs: a tensor, a tuple of tensors, or None
+        self.warmed_up = False
+
+    def __call__(self):
+        if not self.policy.use_graph:
+            return self.fn()
+        if not self.warmed_up:
+            return self._warm_up()
+        if self.graph is None and not self._capture():
+            return self.fn()
+        self.graph.replay()
+        if isinstance(self.out, tuple):
+            return tuple(t.clone() for t in self.out)
+        return None if self.out is None else self.out.clone()
+
+    def _warm_up(self):
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream(device=current.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            out = self.fn()
+        current.wait_stream(side)
+        self.warmed_up = True
+        return out
+
+    def _capture(self) -> bool:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # records, does not run
+                self.out = self.fn()
+        except RuntimeError as e:
+            if self.policy.strict:
+                raise
+            self.policy.use_graph = False
+            print(f"hybridize: note: {self.policy.what} could not be captured as a CUDA graph "
+                  f"({' '.join(str(e).split())[:160]}); it runs eagerly, slower", file=sys.stderr)
+            return False
+        self.graph = graph
+        return True
+
+
 class _Shape:
     """The buffers of the step for one number of new tokens T: a CUDA graph reads and writes fixed memory."""
 
-    def __init__(self, batch: int, T: int, device: torch.device):
-        self.ids = torch.zeros(batch, T, dtype=torch.long, device=device)
+    def __init__(self, step: DecodeStep, T: int):
+        device = step.start.device
+        self.ids = torch.zeros(step.batch, T, dtype=torch.long, device=device)
         self.offsets = torch.arange(T, device=device)  # new token i goes to slot start + i, position before + i
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.out: tuple[torch.Tensor, torch.Tensor] | None = None  # the graph's output buffers (hidden, logits)
-        self.warmed_up = False
+        self.call = GraphedCall(lambda: step._compute(self), step.policy)
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        return self.call.graph
 
 
 class DecodeStep:
@@ -67,13 +128,8 @@ class DecodeStep:
     def __init__(self, model, cache: StaticHybridCache):
         if cache.valid is None:
             raise ValueError("the static cache is empty: run the prompt through the model first")
-        blocker = graph_blocker(model)
-        on_cuda = cache.valid.is_cuda
-        if cache.cuda_graph and (blocker or not on_cuda):
-            why = blocker or "the cache is not on CUDA"
-            raise ValueError(f"cuda_graph=True but the step cannot be captured: {why}")
         self.model, self.cache = model, cache
-        self.use_graph = on_cuda and blocker is None and cache.cuda_graph is not False
+        self.policy = graph_policy(model, cache, "the decoding step")
         self.batch = cache.valid.shape[0]
         device = cache.valid.device
         self.start = torch.zeros(1, dtype=torch.long, device=device)  # the first new token's slot
@@ -81,6 +137,10 @@ class DecodeStep:
         # (T, checkpointing) -> buffers and graph: a verify step also writes per-position checkpoints, a graph
         # captured without them must not stand in for it (nor the reverse), even at T == 1
         self.shapes: dict[tuple[int, bool], _Shape] = {}
+
+    @property
+    def use_graph(self) -> bool:
+        return self.policy.use_graph
 
     @property
     def graph(self) -> torch.cuda.CUDAGraph | None:
@@ -99,7 +159,7 @@ class DecodeStep:
             attn_mask = attn_mask & (self.key_slots <= slots[:, None])
         cache.write_slot = slots
         try:
-            with frozen_weights():  # norms reuse their 1 + w: fewer kernels per step
+            with fixed_buffer_step():  # norms reuse their 1 + w, fused kernels: few launches per replay
                 x = backbone.run_layers(x, backbone.rotary_emb(x, positions), attn_mask, None, cache, None)
                 hidden = backbone.norm(x)
         finally:
@@ -113,47 +173,23 @@ class DecodeStep:
         key = (T, bool(cache.checkpointing))
         shape = self.shapes.get(key)
         if shape is None:
-            shape = self.shapes[key] = _Shape(self.batch, T, self.start.device)
+            shape = self.shapes[key] = _Shape(self, T)
         shape.ids.copy_(input_ids)
         self.start.fill_(cache.seq_length)
-        if not self.use_graph:
-            out = self._compute(shape)
-        elif not shape.warmed_up:  # first step runs eagerly on a side stream (Triton autotuning, cuBLAS workspaces)
-            out = self._warm_up(shape)
-        else:
-            if shape.graph is None:
-                self._capture(shape)
-            if shape.graph is None:  # capture failed: the eager step, as on a CPU
-                out = self._compute(shape)
-            else:
-                shape.graph.replay()
-                out = tuple(t.clone() for t in shape.out)  # the next replay overwrites the buffers
+        out = shape.call()
         cache.advance_step(T)
         return out
 
-    def _capture(self, shape: _Shape) -> None:
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):  # records, does not run
-                shape.out = self._compute(shape)
-        except RuntimeError as e:  # a kernel that syncs with the host cannot be captured; decoding still works
-            if self.cache.cuda_graph:  # asked for explicitly
-                raise
-            self.use_graph = False
-            print(f"hybridize: note: the decoding step could not be captured as a CUDA graph "
-                  f"({' '.join(str(e).split())[:160]}); it runs eagerly, slower", file=sys.stderr)
-            return
-        shape.graph = graph
 
-    def _warm_up(self, shape: _Shape) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.start.device
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            out = self._compute(shape)
-        torch.cuda.current_stream(device).wait_stream(side)
-        shape.warmed_up = True
-        return out
+def graph_policy(model, cache: StaticHybridCache, what: str) -> GraphPolicy:
+    """Graphs on CUDA unless the model cannot be captured or the cache says `cuda_graph=False`; `cuda_graph=True`
+    on a model or device that cannot is a one-line error."""
+    blocker = graph_blocker(model)
+    on_cuda = cache.valid.is_cuda
+    if cache.cuda_graph and (blocker or not on_cuda):
+        why = blocker or "the cache is not on CUDA"
+        raise ValueError(f"cuda_graph=True but the step cannot be captured: {why}")
+    return GraphPolicy(on_cuda and blocker is None and cache.cuda_graph is not False, bool(cache.cuda_graph), what)
 
 
 def static_decode(model, cache: StaticHybridCache, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

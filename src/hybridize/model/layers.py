@@ -13,25 +13,41 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-from ..ops.dispatch import gated_delta_net, gated_rms_norm, scaled_rms_norm, short_conv, silu_mul
+from ..ops.dispatch import always_fused, gated_delta_net, gated_rms_norm, scaled_rms_norm, short_conv, silu_mul
 from .config import HybridConfig
 
 _FROZEN_WEIGHTS = ContextVar("hybridize_frozen_weights", default=False)
+_FIXED_SHAPES = ContextVar("hybridize_fixed_shapes", default=False)
 
 
 @contextlib.contextmanager
-def frozen_weights():
-    """Promise that no weight changes inside (the fixed-buffer decoding step): RMSNorm then reuses its float32
-    1 + w instead of computing it on every call, two kernels per norm and ~180 per step of an 8B hybrid. Outside it
-    (training, FSDP's all-gathers into reused buffers) the scale is always recomputed."""
-    token = _FROZEN_WEIGHTS.set(True)
+def _set(var: ContextVar):
+    token = var.set(True)
     try:
         yield
     finally:
-        _FROZEN_WEIGHTS.reset(token)
+        var.reset(token)
+
+
+def frozen_weights():
+    """Promise that no weight changes inside: RMSNorm then reuses its float32 1 + w instead of computing it on every
+    call, two kernels per norm and ~180 per step of an 8B hybrid. Outside it (training, FSDP's all-gathers into
+    reused buffers) the scale is always recomputed."""
+    return _set(_FROZEN_WEIGHTS)
+
+
+@contextlib.contextmanager
+def fixed_buffer_step():
+    """Inside a fixed-buffer decoding step (DecodeStep, the MTP heads' steps), which runs with the same shapes on
+    every replay of its CUDA graph: weights frozen (see `frozen_weights`), fla's fused kernels even for small
+    inputs (few launches per replay: `ops.dispatch.always_fused`), and masked attention keeps torch's own backend
+    choice (cuDNN's per-shape plan is built once, at capture)."""
+    with frozen_weights(), always_fused(), _set(_FIXED_SHAPES):
+        yield
 
 
 class RMSNorm(nn.Module):
@@ -167,16 +183,38 @@ class GatedAttention(nn.Module):
         return self.o_proj(y)
 
 
+# Eager masked attention on CUDA avoids cuDNN's SDPA: cuDNN builds an execution plan for every new shape (8.6 ms of
+# host time per call measured on an H200, torch 2.11), and eager masked calls are where shapes change every call —
+# decoding on a dynamic cache, the MTP heads' eager draft chain. There it made speculative decoding 3x slower (63
+# against 164-205 tok/s on the healed SmolLM2, 2026-12-03). Flash / memory-efficient kernels need no per-shape
+# plan. Unmasked calls (causal prefill, training) and the fixed-buffer step (same shapes every replay) keep torch's
+# own choice. The same finding elsewhere: modelscope/FunASR#3705, ml-explore/mlx#2743.
+_MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def _attend(q, k, v, attn_mask, dropout: float, scale: float) -> torch.Tensor:
-    """SDPA with grouped-query heads. One query token under a mask (decoding on a static cache) folds each KV head's
-    query heads into the query axis — (B, Hkv, H/Hkv, d) against (B, Hkv, S, d) — so a masked kernel reads every
+    """SDPA with grouped-query heads. A few query tokens under a mask (decode and verify steps) fold each KV head's
+    query heads into the query axis — (B, Hkv, H/Hkv · T, d) against (B, Hkv, S, d) — so a masked kernel reads every
     K/V once, where `enable_gqa` would take the math path and copy K/V out to every query head."""
+    if attn_mask is not None and q.is_cuda and not _FIXED_SHAPES.get():
+        with sdpa_kernel(_MASKED_BACKENDS):
+            return _sdpa(q, k, v, attn_mask, dropout, scale)
+    return _sdpa(q, k, v, attn_mask, dropout, scale)
+
+
+_FOLD_MAX_QUERIES = 16  # the folded mask is H/Hkv times the mask: only for decode/verify-sized queries
+
+
+def _sdpa(q, k, v, attn_mask, dropout: float, scale: float) -> torch.Tensor:
     B, H, T, d = q.shape
-    groups = H // k.shape[1]
-    if T == 1 and attn_mask is not None and groups > 1:
-        y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], groups, d), k, v, attn_mask=attn_mask,
-                                           dropout_p=dropout, scale=scale)  # mask (B, 1, 1, S) broadcasts
-        return y.reshape(B, H, 1, d)  # the kernel may return another memory layout
+    Hkv, S = k.shape[1], k.shape[2]
+    groups = H // Hkv
+    if attn_mask is not None and groups > 1 and T <= _FOLD_MAX_QUERIES:
+        if T > 1:  # query row (group, t) keeps token t's mask row
+            attn_mask = attn_mask[:, :, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
+        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, groups * T, d), k, v, attn_mask=attn_mask,
+                                           dropout_p=dropout, scale=scale)
+        return y.reshape(B, H, T, d)  # the kernel may return another memory layout
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                                           dropout_p=dropout, scale=scale, enable_gqa=groups > 1)
 

@@ -37,6 +37,7 @@ from .config import FULL, HybridConfig
 from .decode_step import forward_new_tokens
 from .layers import RMSNorm, RotaryEmbedding
 from .modeling import HybridDecoderLayer, prepare_step
+from .mtp_step import FixedMTPHeads, fixed_heads_for
 from .static_cache import StaticHybridCache, static_cache_for
 
 
@@ -58,12 +59,17 @@ class MultiTokenPredictor(nn.Module):
         """One depth. hidden (B, T, D): h^{k-1} at positions i; next_embeds (B, T, D): embeddings of the tokens
         one further; returns h^k (B, T, D), normed, ready for lm_head. `attention_mask`/`cache` as the backbone's
         (the cache must be attention-only: `mtp_cache`)."""
-        x = self.fc(torch.cat([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+        x = self.fuse(hidden, next_embeds)
         step = prepare_step(x, attention_mask, None, cache, self.rotary_emb)
         x = self.layers[0](x, step.position_embeddings, attn_mask=step.attn_mask, pad_mask=step.new_pad, cache=cache)
         if cache is not None:
             cache.advance(step.seq_length, step.pad)
         return self.norm(x)
+
+
+    def fuse(self, hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
+        """The decoder layer's input: fc over [norm(embedding of the next token); norm(hidden)]."""
+        return self.fc(torch.cat([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
 
 
 def mtp_cache() -> HybridCache:
@@ -133,7 +139,9 @@ class MTPDecoder:
     `stats` describes the last call: `tokens_per_verify` (mean tokens committed per verify forward and active
     row: accepted drafts + the backbone's own token), `mean_accepted_drafts`, `verify_steps` (row-steps), and
     `accepted` (per verify step, the drafts each row accepted), `cuda_graph` (whether the verify steps were
-    replayed as CUDA graphs; False on the dynamic cache, on a CPU, or when the capture failed) and, when
+    replayed as CUDA graphs; False on the dynamic cache, on a CPU, or when the capture failed),
+    `heads_cuda_graph` (the same for the MTP heads' draft and update steps, `hybridize.model.mtp_step`: greedy on
+    a static cache) and, when
     `time_phases` is set, `phase_seconds`: wall time in drafting, the verify forward, the rollback and the heads'
     update (the device synced at every boundary, which slows the call: for profiling, not for speed numbers)."""
 
@@ -181,9 +189,9 @@ class MTPDecoder:
         while not out.all_done():
             k = min(K, out.max_remaining() - 1)
             active = out.active()
+            run.make_room(k + 1, out.max_remaining() + K + 1)  # first: the fixed heads draft into the next slots
             with run.clock("draft"):
                 drafts, q = run.draft(tok, k)
-            run.make_room(k + 1, out.max_remaining() + K + 1)
             n_acc, tok = run.verify(tok, drafts, q)
             rows = drafts.tolist()
             accepted.append(n_acc.tolist())
@@ -194,6 +202,7 @@ class MTPDecoder:
         self.stats = {"verify_steps": verifies, "tokens_per_verify": committed / max(verifies, 1),
                       "mean_accepted_drafts": committed / max(verifies, 1) - 1.0, "accepted": accepted,
                       "cuda_graph": bool(step is not None and step.use_graph),
+                      "heads_cuda_graph": bool(run.fixed_heads is not None and run.fixed_heads.policy.use_graph),
                       **({"phase_seconds": run.clock.seconds} if self.time_phases else {})}
         return out.tensor()
 
@@ -232,6 +241,7 @@ class _Run:
         self.do_sample, self.temperature, self.generator = do_sample, temperature, generator
         self.cache, self.mtp_cache, self.clock = cache, mtp_cache(), clock
         self.h_mtp: torch.Tensor | None = None  # (B, D) MTP output at each row's last kept position
+        self.fixed_heads: FixedMTPHeads | None = None  # greedy on a static cache: the heads' graphed steps
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float() / self.temperature, dim=-1)
@@ -253,13 +263,19 @@ class _Run:
     def prefill(self) -> torch.Tensor:
         hidden, _ = self.model.model(self.ids, self.mask, cache=self.cache)
         tok, _ = self.choose(self.model.lm_head(hidden[:, -1]))
-        self.advance_mtp(hidden, torch.cat([self.ids[:, 1:], tok[:, None]], dim=1),
-                         torch.full_like(tok, hidden.shape[1] - 1))
+        next_ids = torch.cat([self.ids[:, 1:], tok[:, None]], dim=1)
+        if isinstance(self.cache, StaticHybridCache) and not self.do_sample:
+            self.fixed_heads = fixed_heads_for(self.model, self.cache)
+            self.fixed_heads.prefill(hidden, next_ids)
+        else:
+            self.advance_mtp(hidden, next_ids, torch.full_like(tok, hidden.shape[1] - 1))
         return tok
 
     def draft(self, tok: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """k drafted tokens (B, k) after `tok` and, when sampling, their draft distributions (B, k, V). The MTP
         cache is returned to its length afterwards: drafts are not part of the sequence yet."""
+        if self.fixed_heads is not None:
+            return (self.fixed_heads.draft(k) if k else tok.new_zeros(tok.shape[0], 0)), None
         length, h, drafts, qs = self.mtp_cache.get_seq_length(), self.h_mtp, [], []
         for j in range(k):
             d, q = self.choose(self.model.lm_head(h))
@@ -284,6 +300,7 @@ class _Run:
         accepted per row (B,) and the token that follows them (B,): the backbone's correction, or its bonus token
         when every draft was accepted."""
         self.cache.checkpointing = True
+        start = self.cache.seq_length
         with self.clock("verify"):
             hidden, logits = forward_new_tokens(self.model, self.cache, torch.cat([tok[:, None], drafts], dim=1))
             n_acc, new = (self._accept_sampled(logits, drafts, q) if self.do_sample
@@ -292,10 +309,14 @@ class _Run:
             self.cache.rollback(n_acc + 1)
         self.cache.checkpointing = False
         with self.clock("heads"):
-            keep = int(n_acc.max()) + 1
+            # slots up to the last kept one (eager) or all verified ones (fixed heads: rows' holes are masked)
+            keep = drafts.shape[1] + 1 if self.fixed_heads is not None else int(n_acc.max()) + 1
             slots = torch.arange(keep, device=drafts.device)[None, :]  # next token of slot i: drafts[i] or `new`
             nxt = torch.where(slots < n_acc[:, None], F.pad(drafts, (0, 1))[:, :keep], new[:, None])
-            self.advance_mtp(hidden[:, :keep], nxt, n_acc)
+            if self.fixed_heads is not None:
+                self.fixed_heads.update(start, hidden, nxt, n_acc)
+            else:
+                self.advance_mtp(hidden[:, :keep], nxt, n_acc)
         return n_acc, new
 
     def _accept_sampled(self, logits, drafts, q) -> tuple[torch.Tensor, torch.Tensor]:

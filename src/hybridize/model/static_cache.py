@@ -82,6 +82,19 @@ class StaticHybridCache(HybridCache):
                 buffer.copy_(state)
             store[layer_idx] = buffer
 
+    def _set_linear_states(self, states: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Every layer's states into its buffers in one launch (torch._foreach_copy_, as torch's optimizers batch
+        their per-parameter updates): a rollback after a verify step otherwise costs two copies per DeltaNet layer."""
+        pairs = [(self._linear_buffers.get((kind, i)), state) for i, both in states.items()
+                 for kind, state in zip(("conv", "recurrent"), both, strict=True)]
+        if any(buf is None or state is None or buf.shape != state.shape or buf.dtype != state.dtype
+               for buf, state in pairs):
+            return super()._set_linear_states(states)
+        torch._foreach_copy_([buf for buf, _ in pairs], [state for _, state in pairs])
+        for i in states:
+            self.conv_states[i] = self._linear_buffers[("conv", i)]
+            self.recurrent_states[i] = self._linear_buffers[("recurrent", i)]
+
     def _keep_checkpoints(self, layer_idx: int, conv_states: torch.Tensor, recurrent_states: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy a layer's per-position states (B, T, ...) into this cache's buffers for T tokens."""

@@ -9,7 +9,8 @@ The Gated DeltaNet layer calls three functions, each with the same meaning on bo
 - `gated_rms_norm`: rmsnorm(o)·w·silu(z) in one pass (fla `rms_norm_gated`),
 
 and `rms_norm` (x̂·(1 + w), the qwen3_5_text convention) serves every other norm; `silu_mul` is the SwiGLU MLP's
-activation. The fused and reference paths are
+activation. Small eager calls of the norms and `silu_mul` without gradients take the PyTorch ops even on
+CUDA (host-bound: see `_HOST_BOUND_NUMEL`), except under `always_fused`. The fused and reference paths are
 compared, values and gradients, in tests/test_gpu_parity.py.
 
 fla (flash-linear-attention >= 0.6) is imported lazily on first CUDA use. When it is missing or fails to import
@@ -24,9 +25,11 @@ column.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+from contextvars import ContextVar
 from types import SimpleNamespace
 
 import torch
@@ -35,8 +38,8 @@ import torch.nn.functional as F
 from .conv import causal_conv1d
 from .delta_rule import all_states_gated_delta_rule, chunk_gated_delta_rule, recurrent_gated_delta_rule
 
-__all__ = ["fla_available", "fla_status", "gated_delta_net", "gated_delta_rule", "gated_rms_norm", "note_if_slow_path",
-           "rms_norm", "scaled_rms_norm", "short_conv", "silu_mul"]
+__all__ = ["always_fused", "fla_available", "fla_status", "gated_delta_net", "gated_delta_rule", "gated_rms_norm",
+           "note_if_slow_path", "rms_norm", "scaled_rms_norm", "short_conv", "silu_mul"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -91,6 +94,31 @@ def _use_fla(x: torch.Tensor) -> bool:
         _say_once_why_not()
         return False
     return True
+
+
+# An eager call of one of fla's elementwise Triton functions (norms, SwiGLU) costs 120-220 us of host time (its
+# Python wrappers; torch profiler, H200, 2026-12-03) against ~40 us for the few PyTorch ops of the reference path.
+# Eager decoding work on small tensors (the MTP draft chain and head update, a dynamic cache's steps) is
+# host-bound, so there the PyTorch ops win; inside the fixed-buffer step (`always_fused`: few kernels per CUDA
+# graph replay), with gradients, or on large tensors, the fused kernel does.
+_HOST_BOUND_NUMEL = 1 << 20
+_ALWAYS_FUSED = ContextVar("hybridize_always_fused", default=False)
+
+
+@contextlib.contextmanager
+def always_fused():
+    """Run fla's fused kernels for small inputs too (a step that is captured as a CUDA graph, and its eager twin)."""
+    token = _ALWAYS_FUSED.set(True)
+    try:
+        yield
+    finally:
+        _ALWAYS_FUSED.reset(token)
+
+
+def _use_fused_elementwise(x: torch.Tensor) -> bool:
+    if not _use_fla(x):
+        return False
+    return x.numel() >= _HOST_BOUND_NUMEL or torch.is_grad_enabled() or _ALWAYS_FUSED.get()
 
 
 # ------------------------------------------------------------------------------------------------ delta rule
@@ -169,8 +197,11 @@ def gated_delta_net(
     A_log, dt_bias: [Hv]. Computes l2norm(q), l2norm(k), g = −exp(A_log)·softplus(a + dt_bias), β = σ(b) and the
     gated delta rule with scale K^-½. Returns (o [B, T, Hv, V], final state [B, Hv, K, V] float32 or None).
     `output_all_states` (speculative verify steps, a few tokens) returns the state after every token instead,
-    [B, T, Hv, K, V], from the closed-form PyTorch op on any device (fla's kernels keep only the last state).
+    [B, T, Hv, K, V]: with fla, its one-token recurrent kernel once per token (fla's kernels keep only the last
+    state); otherwise the closed-form PyTorch op.
     """
+    if output_all_states and _use_fla(v) and not torch.is_grad_enabled():
+        return _fla_states_token_by_token(q, k, v, a, b, A_log, dt_bias, initial_state)
     if output_all_states:
         g, beta = gdn_decay(a, A_log, dt_bias), b.sigmoid()
         return all_states_gated_delta_rule(l2norm(q), l2norm(k), v, g, beta, initial_state=initial_state)
@@ -179,6 +210,25 @@ def gated_delta_net(
         return _torch_gated_delta_rule(l2norm(q), l2norm(k), v, g, beta, None, initial_state, output_final_state)
     return _fla_delta_rule(q, k, v, a, b, None, initial_state, output_final_state, use_qk_l2norm_in_kernel=True,
                            use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
+
+
+def _fla_states_token_by_token(q, k, v, a, b, A_log, dt_bias, initial_state):
+    """All states of a verify step as T one-token calls of fla's fused recurrent kernel: one launch per token and
+    layer, where the closed form takes ~50 small kernels per layer — in a captured 4-token verify step of the
+    healed SmolLM2 those made the step cost twice a 1-token step (5.2 against 2.6 ms, H200, 2026-12-03). Each
+    token also runs the very kernel plain decoding runs, so a verify step's logits are plain decoding's."""
+    outs, states, state = [], [], initial_state
+    for t in range(k.shape[1]):
+        o, state = _fla_delta_rule(
+            q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], a[:, t : t + 1], b[:, t : t + 1], None, state, True,
+            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+            use_beta_sigmoid_in_kernel=True)
+        outs.append(o)
+        states.append(state)
+    if not states:
+        B, _, H, V = v.shape
+        return v.new_zeros(B, 0, H, V), v.new_zeros(B, 0, H, k.shape[-1], V, dtype=torch.float32)
+    return torch.cat(outs, dim=1), torch.stack(states, dim=1)
 
 
 # ------------------------------------------------------------------------------------------------ conv and norms
@@ -197,7 +247,7 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """rmsnorm(x)·w·silu(gate) over the last dim (DeltaNet's output norm), in x's dtype."""
-    if not _use_fla(x):
+    if not _use_fused_elementwise(x):
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -213,7 +263,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def scaled_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """x̂·scale with a float32 `scale` (rms_norm's 1 + w, computed once by a caller that knows w is frozen)."""
-    if not _use_fla(x):
+    if not _use_fused_elementwise(x):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return (xf * scale).type_as(x)
@@ -222,6 +272,6 @@ def scaled_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.T
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate)·up, the SwiGLU MLP's activation, in one pass on CUDA."""
-    if not _use_fla(gate):
+    if not _use_fused_elementwise(gate):
         return F.silu(gate) * up
     return _fla().swiglu(gate, up)
