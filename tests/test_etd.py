@@ -255,3 +255,23 @@ def test_composes_with_mtp_heads():
     reference = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
     for drafts in (1, 3):
         assert torch.equal(model.mtp_decoder.generate(ids, max_new_tokens=16, num_draft_tokens=drafts), reference)
+
+
+def test_lora_expert_delta_equals_a_per_token_float64_loop():
+    """Each token gets scaling · gate · B_e A_e x of its own expert e, nothing from the others."""
+    from hybridize.model.etd import LoRAExperts
+
+    torch.manual_seed(0)
+    experts = LoRAExperts(hidden=12, intermediate=20, num_experts=4, rank=3, alpha=6.0).double()
+    for p in experts.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    choice = torch.randint(0, 4, (2, 7))
+    choice[0, :4] = torch.tensor([0, 1, 2, 3])  # every expert chosen somewhere
+    gate = torch.rand(2, 7, dtype=torch.float64)
+    got = experts.delta("up", x, choice, gate)
+    want = torch.stack([torch.stack([
+        experts.scaling * gate[b, t] * experts.up_B[e] @ (experts.up_A[e] @ x[b, t])
+        for t, e in enumerate(choice[b].tolist())]) for b in range(2)])
+    assert got.shape == (2, 7, 20)
+    assert (got - want).abs().max().item() < 1e-12

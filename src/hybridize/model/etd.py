@@ -26,6 +26,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
@@ -158,7 +159,7 @@ class ExpertRouter(nn.Module):
         choice = (scores + self.balance_bias).argmax(-1)  # (B, T)
         if self.training:
             with torch.no_grad():
-                counts = torch.bincount(choice.flatten(), minlength=scores.shape[-1]).float()
+                counts = F.one_hot(choice.flatten(), scores.shape[-1]).sum(0).float()  # bincount syncs on CUDA
                 self.load = counts if self.load is None else self.load + counts
         return choice, scores.gather(-1, choice[..., None])[..., 0].to(x.dtype)
 
@@ -176,12 +177,17 @@ class LoRAExperts(nn.Module):
             setattr(self, f"{name}_B", nn.Parameter(torch.zeros(num_experts, n_out, rank)))
 
     def delta(self, name: str, x: torch.Tensor, choice: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """scaling · gate · B_e A_e x for each token's expert e = choice; x (B, T, in) -> (B, T, out)."""
-        A, B = getattr(self, f"{name}_A"), getattr(self, f"{name}_B")
-        out = x.new_zeros(*x.shape[:-1], B.shape[1])
-        for e in choice.unique().tolist():
-            rows = choice == e
-            out[rows] = (x[rows] @ A[e].T) @ B[e].T
+        """scaling · gate · B_e A_e x for each token's expert e = choice; x (B, T, in) -> (B, T, out).
+
+        Every expert's rank-r projection A_e x is computed (E·r columns, a few % of the MLP's own matmul), the
+        unchosen ones are zeroed, and one matmul with all B_e side by side adds the chosen one: two dense matmuls,
+        no host sync. A gather and scatter per expert (the way before 2026-12-03) needed the set of chosen experts
+        and each one's rows on the host: several syncs per projection, think layer and iteration."""
+        A, B = getattr(self, f"{name}_A"), getattr(self, f"{name}_B")  # (E, r, in), (E, out, r)
+        E, r = A.shape[:2]
+        low = (x @ A.reshape(E * r, -1).T).unflatten(-1, (E, r))  # (B, T, E, r)
+        low = low * F.one_hot(choice, E).to(low.dtype)[..., None]
+        out = low.flatten(-2) @ B.transpose(1, 2).reshape(E * r, -1)  # (B, T, E·r) @ (E·r, out)
         return out * (self.scaling * gate)[..., None]
 
 

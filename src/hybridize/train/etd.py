@@ -63,10 +63,16 @@ def sequence_logliks(model: ETDForCausalLM, ids: torch.Tensor, routes: torch.Ten
     """Mean next-token log-likelihood per sequence (B,) with each sequence's routes (B, T, K) forced."""
     model.model.forced_routes = routes
     try:
-        logits = model(ids).logits[:, :-1].float()
+        with _autocast(ids):
+            logits = model(ids).logits[:, :-1].float()
     finally:
         model.model.forced_routes = None
     return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].mean(-1)
+
+
+def _autocast(ids: torch.Tensor):
+    """bfloat16 autocast on CUDA (the trained routers and experts and AdamW stay float32), as train-mtp does."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda)
 
 
 def _grid(model: ETDForCausalLM) -> tuple[int, int]:
@@ -91,7 +97,7 @@ def search_routes(model: ETDForCausalLM, ids: torch.Tensor, skip_bonus: float = 
             trial_ll = sequence_logliks(model, ids, trial)
             trial_score = trial_ll + skip_bonus * (trial == SKIP).sum((1, 2))
             better = trial_score > score
-            routes[better] = trial[better]
+            routes = torch.where(better[:, None, None], trial, routes)  # no boolean indexing: no host sync
             ll, score = torch.where(better, trial_ll, ll), torch.where(better, trial_score, score)
     return routes, ll
 
@@ -115,7 +121,8 @@ def router_step(model: ETDForCausalLM, ids: torch.Tensor, routes: torch.Tensor, 
     route label of its position (broadcast over the sequence's tokens), class-weighted."""
     model.model.forced_routes = routes
     try:
-        model(ids)
+        with _autocast(ids):
+            model(ids)
     finally:
         model.model.forced_routes = None
     logits = torch.stack(model.model.last_routing["router_logits"], 1)  # (B, T·K, L, 3), (t, j) order
@@ -144,7 +151,8 @@ def expert_step(model: ETDForCausalLM, ids: torch.Tensor, optimizer, teacher_log
     """One step of expert training (base frozen by `freeze_for(model, "experts")`): next-token CE, or KL to
     `teacher_logits` when given; then the load-balancing bias update."""
     model.train()
-    logits = model(ids).logits[:, :-1].float()
+    with _autocast(ids):
+        logits = model(ids).logits[:, :-1].float()
     if teacher_logits is None:
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     else:

@@ -5,7 +5,8 @@ windows are the first `--tokens` tokens of --data, batch k of step s is fixed by
 plus `trainer_state.pt` (step, optimizer, losses), replaced atomically every `--save-every` steps: `--resume`
 continues exactly where the last save left off. Routers: per-batch greedy route search, then one focal-loss step
 (train/etd.py); experts: one CE step, or KL to `--teacher`'s logits (the source, or the base hybrid), then the
-balance-bias update.
+balance-bias update. On CUDA the forwards run under bfloat16 autocast and the teacher in bfloat16 (the trained
+routers and experts and AdamW stay float32).
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def train_etd(model_path: str, out: str | Path, cfg: TrainETDConfig, resume: boo
     if cfg.teacher and cfg.part == "experts":
         from .models import load_language_model
 
-        teacher = load_language_model(cfg.teacher, torch.float32, progress=False).to(device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # inference only: bf16 on a GPU
+        teacher = load_language_model(cfg.teacher, dtype, progress=False).to(device).eval()
     freeze_for(model, cfg.part)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     state = {"step": 0, "losses": []}
