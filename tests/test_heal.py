@@ -305,7 +305,7 @@ def test_kl_selection_is_the_default_unless_a_layout_or_none_is_given(workspace,
     job.transfer = CrossArchTransferConfig(hybrid_attention=HybridAttentionConfig(attention_layers=[1]))
     with pytest.raises(HybridizeError, match=r"select_layers='kl' would replace the layout"):
         check_job(job)
-    with pytest.raises(HybridizeError, match="must be one of kl, passkey, proxy or none"):
+    with pytest.raises(HybridizeError, match="must be one of kl, passkey, kl\\+passkey, proxy or none"):
         HealConfig(select_layers="knn")
 
 

@@ -128,3 +128,18 @@ def test_scores_from_npy_tokens_equal_scores_from_the_text(source_and_text, tmp_
         method="proxy", tokens=128, seq_len=64, window=8, data=[str(d)]), progress=False)
         for d in (text, tmp_path / "tokens.npy"))
     assert on_npy["scores"] == on_text["scores"] and on_npy["tokens"] == on_text["tokens"] == 128
+
+
+def test_kl_plus_passkey_sums_each_layers_share_of_both_scans(source_and_text):
+    """--method kl+passkey: both scans run as their own methods would, and a layer's score is its share of the
+    kl total plus its share of the passkey total; the top-K of that sum keep attention."""
+    folder, text = source_and_text
+    common = dict(keep=2, tokens=3 * 96, seq_len=96, batch_size=2, data=[str(text)])
+    both = select_attention_layers(str(folder), SelectConfig(method="kl+passkey", **common), progress=False)
+    alone = {m: select_attention_layers(str(folder), SelectConfig(method=m, **common), progress=False)["scores"]
+             for m in ("kl", "passkey")}
+    assert both["scores_by_method"] == alone
+    want = [sum(s[i] / sum(s) for s in alone.values()) for i in range(LAYERS)]
+    assert both["scores"] == pytest.approx(want, rel=2e-3)  # the report rounds every score to 6 decimals
+    assert both["attention_layers"] == sorted(sorted(range(LAYERS), key=lambda i: -want[i])[:2])
+    assert both["tokens"] > max(3 * 96, 1)

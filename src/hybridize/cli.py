@@ -13,7 +13,7 @@
     hybridize plot RUN_DIR | EVAL.json
     hybridize heal SOURCE OUT --data PATH [PATH ...] [--tokens 50M] [--eval-data PATH ...] [--select-layers kl]
                    [--resume]
-    hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|passkey|proxy]
+    hybridize select-layers SOURCE --data PATH [--keep K] [--method kl|passkey|kl+passkey|proxy]
     hybridize analyze-layers MODEL --data PATH [--tokens N] [--seq-len N] [--json FILE]
     hybridize train-etd MODEL OUT --data PATH [--part routers|experts] [--steps N] [--split E,K,D] [--resume]
     hybridize bench --train [--shape qwen3-8b|smollm2|tiny] [--seq-len N] [--gpus N] [--json FILE]
@@ -660,7 +660,8 @@ def add_select_parser(sub) -> None:
         description="Score every layer of SOURCE on --data and print (JSON) the --keep layers that should stay "
         "softmax attention, with the flag to pass to `hybridize convert`. kl: KL(teacher || teacher with only that "
         "layer converted to Gated DeltaNet) per token; passkey: the same KL at the answer tokens of passkey prompts "
-        "made from --data (the layers retrieval needs); proxy: the teacher's attention mass beyond --window tokens. "
+        "made from --data (the layers retrieval needs); kl+passkey: both scans, a layer scored by the sum of its "
+        "shares of the two totals; proxy: the teacher's attention mass beyond --window tokens. "
         "Runs on the GPU when there is one (kl on a 135M model: ~30 min on 2 CPU cores).",
     )
     p.add_argument("source", metavar="SOURCE", help="the model to convert: folder, hub id or .gguf file")
@@ -1107,7 +1108,8 @@ def add_heal_parser(sub) -> None:
     _add_layout_flags(p)
     p.add_argument("--select-layers", choices=[*METHODS, "none"], default=None, metavar="METHOD",
                    help="choose the layers that stay attention with `hybridize select-layers --method METHOD` "
-                   "(kl, passkey or proxy; as many as the 3:1 pattern keeps) on --data (passkey: its text) before "
+                   "(kl, passkey, kl+passkey or proxy; as many as the 3:1 pattern keeps) on --data (passkey: its "
+                   "text) before "
                    "converting, on the GPU when there is one; the choice and the scores go to heal.json. 'none' "
                    "keeps the 3:1 pattern. Why kl: on SmolLM2-135M its layers healed to 20%% lower KL than the "
                    "pattern's, two seeds (docs/BENCHMARKS.md); it costs a probe forward per layer on 16k tokens "

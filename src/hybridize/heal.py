@@ -69,7 +69,7 @@ class HealConfig:
     eval_passkey: list[int] | None = None
     passkey_trials: int = 5
     weights_dtype: str | None = None
-    select_layers: str | None = "kl"  # kl | passkey | proxy: choose the attention layers before converting
+    select_layers: str | None = "kl"  # kl | passkey | kl+passkey | proxy: choose the attention layers before converting
     gpus: int = 1
 
     def __post_init__(self):
@@ -275,7 +275,7 @@ def _select_layers(job: HealJob, progress: bool) -> dict:
     from .transfer.select import SelectConfig, select_attention_layers
 
     method = job.heal.select_layers
-    if method == "passkey":  # the prompts' filler is text (check_job made sure there is some)
+    if "passkey" in method:  # the prompts' filler is text (check_job made sure there is some)
         cfg = SelectConfig(method=method, data=[p for p in job.data if needs_tokenizer([p])], seq_len=1024,
                            batch_size=1)
     else:  # the first tokens of the training data, text or .npy
@@ -362,10 +362,10 @@ def check_job(job: HealJob) -> None:
     for path in [*job.data, *job.eval_data]:
         if not Path(path).expanduser().exists():
             raise HybridizeError(f"data path {path} does not exist")
-    if job.heal.select_layers == "passkey" and not needs_tokenizer(job.data):
-        raise HybridizeError("--select-layers passkey reads text from --data (the prompts' filler), which holds only "
-                             "pre-tokenized .npy arrays; pass the text, or choose the layers with `hybridize "
-                             "select-layers` and pass --attention-layers")
+    if "passkey" in (job.heal.select_layers or "") and not needs_tokenizer(job.data):
+        raise HybridizeError(f"--select-layers {job.heal.select_layers} reads text from --data (the passkey prompts' "
+                             "filler), which holds only pre-tokenized .npy arrays; pass the text, or choose the layers "
+                             "with `hybridize select-layers` and pass --attention-layers")
     check_not_an_input(job.out, [job.source, *job.data, *job.eval_data], what="OUT")
 
 

@@ -1,7 +1,7 @@
 """Which layers keep softmax attention: `hybridize select-layers SOURCE --data PATH --keep K`.
 
 Uniform placement (every fourth layer) ignores that layers differ in how much they need exact softmax attention:
-KL-guided selection (arXiv 2512.20569) beats it at equal training tokens. Two methods:
+KL-guided selection (arXiv 2512.20569) beats it at equal training tokens. The methods:
 
 - `kl`: the importance of layer i is KL(teacher ‖ teacher with only layer i made Gated DeltaNet), per token on
   the calibration text, with layer i's DeltaNet as `hybridize convert` would make it (so a calibrated conversion
@@ -11,11 +11,15 @@ KL-guided selection (arXiv 2512.20569) beats it at equal training tokens. Two me
 - `passkey`: the same KL, but only at the answer tokens of passkey prompts (a 5-digit key hidden in filler from the
   data at depths spread over 0-100 %, the question, then the key, teacher-forced): the layers whose attention the
   teacher needs to retrieve. General text barely exercises retrieval, so `kl` can rank a retrieval layer low.
+- `kl+passkey`: both scans; a layer's score is its share of the total `kl` score plus its share of the total
+  `passkey` score, so the layers kept serve general text and retrieval alike. On SmolLM2 (docs/BENCHMARKS.md) the
+  `kl` set healed to the lowest validation KL but kept no retrieval (passkey 2 %), the `passkey` set kept the most
+  (28 %) at a higher KL; four layers were in both.
 - `proxy`: no probe model, one teacher forward with attention weights: the importance of a layer is the share of
   its attention mass on keys more than `window` tokens back (averaged over heads and queries). Linear attention
   keeps a decaying summary and handles recency well; far, sharp retrieval is what it loses. Cheap, no conversion.
 
-Both return scores for every layer and the chosen layers in the form `convert --attention-layers` accepts.
+All return scores for every layer and the chosen layers in the form `convert --attention-layers` accepts.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from ..model.config import FULL
 from ..train.data import first_windows
 from .config import CrossArchTransferConfig, HybridAttentionConfig
 
-METHODS = ("kl", "passkey", "proxy")
+METHODS = ("kl", "passkey", "kl+passkey", "proxy")
 
 
 @dataclass
@@ -165,19 +169,40 @@ def select_attention_layers(source: str, cfg: SelectConfig, transfer: CrossArchT
     if keep > num_layers:
         raise HybridizeError(f"--keep {keep} is more than the source's {num_layers} layers")
     transfer = transfer or CrossArchTransferConfig()
-    windows = None if cfg.method == "passkey" else first_windows(source, cfg.data, cfg.tokens, cfg.seq_len)
+    parts = {}  # method part -> (scores, tokens)
     if cfg.method == "proxy":
-        scores, tokens = proxy_scores(source, windows, cfg, progress), windows.numel()
-    else:
-        from ..train.losses import next_token_targets
-
-        batches = (_passkey_batches(source, cfg) if cfg.method == "passkey" else
-                   [(b, next_token_targets(b)) for b in _batches(windows, cfg.batch_size)])
-        scores, tokens = kl_scores(source, batches, cfg, transfer, progress), sum(b.numel() for b, _ in batches)
+        windows = first_windows(source, cfg.data, cfg.tokens, cfg.seq_len)
+        parts["proxy"] = proxy_scores(source, windows, cfg, progress), windows.numel()
+    for part in ("kl", "passkey"):
+        if part in cfg.method.split("+"):
+            batches = _kl_batches(source, cfg, part)
+            parts[part] = kl_scores(source, batches, cfg, transfer, progress), sum(b.numel() for b, _ in batches)
+    scores = combined_scores([s for s, _ in parts.values()])
     chosen = sorted(sorted(range(num_layers), key=lambda i: -scores[i])[:keep])
-    return {
+    report = {
         "source": source, "method": cfg.method, "keep": keep, "attention_layers": chosen,
         "flag": "--attention-layers " + ",".join(map(str, chosen)),
         "scores": [round(s, 6) for s in scores], "uniform_attention_layers": uniform,
-        "tokens": int(tokens), "seq_len": cfg.seq_len, "seconds": round(time.perf_counter() - start, 1),
+        "tokens": int(sum(t for _, t in parts.values())), "seq_len": cfg.seq_len,
+        "seconds": round(time.perf_counter() - start, 1),
     }
+    if len(parts) > 1:
+        report["scores_by_method"] = {name: [round(x, 6) for x in s] for name, (s, _) in parts.items()}
+    return report
+
+
+def _kl_batches(source: str, cfg: SelectConfig, part: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, targets) of a KL scan: passkey prompts (targets at the key only), or the text's first windows."""
+    from ..train.losses import next_token_targets
+
+    if part == "passkey":
+        return _passkey_batches(source, cfg)
+    windows = first_windows(source, cfg.data, cfg.tokens, cfg.seq_len)
+    return [(b, next_token_targets(b)) for b in _batches(windows, cfg.batch_size)]
+
+
+def combined_scores(per_method: list[list[float]]) -> list[float]:
+    """One method's scores as they are; several: per layer, the sum of its shares of each method's total."""
+    if len(per_method) == 1:
+        return per_method[0]
+    return [sum(s[i] / max(sum(s), 1e-30) for s in per_method) for i in range(len(per_method[0]))]
