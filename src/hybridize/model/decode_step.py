@@ -53,8 +53,8 @@ class GraphPolicy:
     """Whether the GraphedCalls of one step run as CUDA graphs: `use_graph` turns False for all of them when one
     capture fails (a kernel that syncs with the host), unless `strict` (asked for explicitly), which raises."""
 
-    def __init__(self, use_graph: bool, strict: bool, what: str):
-        self.use_graph, self.strict, self.what = use_graph, strict, what
+    def __init__(self, use_graph: bool, strict: bool, what: str, device: torch.device):
+        self.use_graph, self.strict, self.what, self.device = use_graph, strict, what, device
 
 
 class GraphedCall:
@@ -82,8 +82,8 @@ class GraphedCall:
         return None if self.out is None else self.out.clone()
 
     def _warm_up(self):
-        current = torch.cuda.current_stream()
-        side = torch.cuda.Stream(device=current.device)
+        current = torch.cuda.current_stream(self.policy.device)
+        side = torch.cuda.Stream(device=self.policy.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             out = self.fn()
@@ -189,7 +189,8 @@ def graph_policy(model, cache: StaticHybridCache, what: str) -> GraphPolicy:
     if cache.cuda_graph and (blocker or not on_cuda):
         why = blocker or "the cache is not on CUDA"
         raise ValueError(f"cuda_graph=True but the step cannot be captured: {why}")
-    return GraphPolicy(on_cuda and blocker is None and cache.cuda_graph is not False, bool(cache.cuda_graph), what)
+    return GraphPolicy(on_cuda and blocker is None and cache.cuda_graph is not False, bool(cache.cuda_graph), what,
+                       cache.valid.device)
 
 
 def static_decode(model, cache: StaticHybridCache, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
