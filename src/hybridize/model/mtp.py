@@ -66,7 +66,6 @@ class MultiTokenPredictor(nn.Module):
             cache.advance(step.seq_length, step.pad)
         return self.norm(x)
 
-
     def fuse(self, hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
         """The decoder layer's input: fc over [norm(embedding of the next token); norm(hidden)]."""
         return self.fc(torch.cat([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
@@ -141,9 +140,9 @@ class MTPDecoder:
     `accepted` (per verify step, the drafts each row accepted), `cuda_graph` (whether the verify steps were
     replayed as CUDA graphs; False on the dynamic cache, on a CPU, or when the capture failed),
     `heads_cuda_graph` (the same for the MTP heads' draft and update steps, `hybridize.model.mtp_step`: greedy on
-    a static cache) and, when
-    `time_phases` is set, `phase_seconds`: wall time in drafting, the verify forward, the rollback and the heads'
-    update (the device synced at every boundary, which slows the call: for profiling, not for speed numbers)."""
+    a static cache) and, when `time_phases` is set, `phase_seconds`: wall time in drafting, the verify forward,
+    the rollback and the heads' update (the device synced at every boundary, which slows the call: for profiling,
+    not for speed numbers)."""
 
     time_phases = False
 
