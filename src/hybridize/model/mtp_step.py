@@ -41,7 +41,6 @@ class FixedMTPHeads:
         self.model, self.cache = model, cache
         self.policy = graph_policy(model, cache, "the MTP heads' step")
         device, batch = cache.valid.device, cache.valid.shape[0]
-        self.batch = batch
         self.kv = StaticHybridCache(SimpleNamespace(layer_types=[FULL]), cache.max_cache_len, cuda_graph=False)
         self.key_slots = torch.arange(cache.max_cache_len, device=device)
         self.start = torch.zeros(1, dtype=torch.long, device=device)
@@ -127,7 +126,7 @@ class FixedMTPHeads:
 
 def fixed_heads_for(model, cache: StaticHybridCache) -> FixedMTPHeads:
     """The cache's FixedMTPHeads for this model (kept on the cache, so calls that reuse the cache reuse its graphs)."""
-    heads = getattr(cache, "mtp_heads", None)
-    if heads is None or heads.model is not model or heads.batch != cache.valid.shape[0]:
+    heads = cache.mtp_heads
+    if heads is None or heads.model is not model or heads.state.shape[0] != cache.valid.shape[0]:
         heads = cache.mtp_heads = FixedMTPHeads(model, cache)
     return heads

@@ -44,6 +44,7 @@ class StaticHybridCache(HybridCache):
         self.valid: torch.Tensor | None = None  # (B, max_cache_len) bool
         self.write_slot: torch.Tensor | None = None  # (1,) long: set while the fixed-buffer step runs
         self.decode_step = None  # the model's DecodeStep for this cache, built on the first fixed-buffer step
+        self.mtp_heads = None  # speculative decoding's FixedMTPHeads on this cache (model/mtp_step.py), kept for reuse
         self._linear_buffers: dict[tuple[str, int], torch.Tensor] = {}
         self._checkpoint_buffers: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # T -> layer -> bufs
 

@@ -200,7 +200,7 @@ def gated_delta_net(
     [B, T, Hv, K, V]: with fla, its one-token recurrent kernel once per token (fla's kernels keep only the last
     state); otherwise the closed-form PyTorch op.
     """
-    if output_all_states and _use_fla(v) and not torch.is_grad_enabled():
+    if output_all_states and k.shape[1] and _use_fla(v) and not torch.is_grad_enabled():
         return _fla_states_token_by_token(q, k, v, a, b, A_log, dt_bias, initial_state)
     if output_all_states:
         g, beta = gdn_decay(a, A_log, dt_bias), b.sigmoid()
@@ -216,7 +216,7 @@ def _fla_states_token_by_token(q, k, v, a, b, A_log, dt_bias, initial_state):
     """All states of a verify step as T one-token calls of fla's fused recurrent kernel: one launch per token and
     layer, where the closed form takes ~50 small kernels per layer — in a captured 4-token verify step of the
     healed SmolLM2 those made the step cost twice a 1-token step (5.2 against 2.6 ms, H200, 2026-12-03). Each
-    token also runs the very kernel plain decoding runs, so a verify step's logits are plain decoding's."""
+    token also runs the very recurrence kernel plain decoding runs."""
     outs, states, state = [], [], initial_state
     for t in range(k.shape[1]):
         o, state = _fla_delta_rule(
@@ -225,9 +225,6 @@ def _fla_states_token_by_token(q, k, v, a, b, A_log, dt_bias, initial_state):
             use_beta_sigmoid_in_kernel=True)
         outs.append(o)
         states.append(state)
-    if not states:
-        B, _, H, V = v.shape
-        return v.new_zeros(B, 0, H, V), v.new_zeros(B, 0, H, k.shape[-1], V, dtype=torch.float32)
     return torch.cat(outs, dim=1), torch.stack(states, dim=1)
 
 

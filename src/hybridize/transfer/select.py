@@ -88,10 +88,10 @@ def _passkey_batches(source: str, cfg: SelectConfig) -> list[tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def kl_scores(source: str, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: SelectConfig,
-              transfer: CrossArchTransferConfig, progress: bool = True) -> list[float]:
-    """Per layer, KL(teacher ‖ the conversion that makes only that layer DeltaNet), nats per target token of the
-    (ids, targets) batches.
+def kl_scores(source: str, batch_sets: list[list[tuple[torch.Tensor, torch.Tensor]]], cfg: SelectConfig,
+              transfer: CrossArchTransferConfig, progress: bool = True) -> list[list[float]]:
+    """For each set of (ids, targets) batches: per layer, KL(teacher ‖ the conversion that makes only that layer
+    DeltaNet), nats per target token. The teacher and the probe models are built once for all sets.
 
     Layers before i are the same in both models, so each probe starts from the all-attention copy's input to
     layer i (computed once per batch) and runs only layers i..L−1: about L/2 layer passes per probe."""
@@ -107,27 +107,30 @@ def kl_scores(source: str, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg
     as_linear = replace(transfer, hybrid_attention=HybridAttentionConfig(attention_layers=[]))
     probe = create_hybrid_from_qwen3(source, as_attention, dtype=dtype).to(device)
     linear_layers = create_hybrid_from_qwen3(source, as_linear, dtype=dtype).model.layers.to(device)
-    sums = torch.zeros(num_layers, dtype=torch.float64)
-    count = 0.0
-    bar = tqdm(total=num_layers * sum(len(b) for b, _ in batches), desc=f"select-layers ({cfg.method})",
-               unit="window", disable=not progress)
-    for batch, targets in batches:
-        batch, targets = batch.to(device), targets.to(device)
-        teacher_final, _ = final_hidden(teacher, batch, None, None, with_states=False)
-        _, inputs = probe.model(batch, output_hidden_states=True)  # inputs[i]: what enters layer i
-        positions = torch.arange(batch.shape[1], device=device)[None].expand(batch.shape[0], -1)
-        rope = probe.model.rotary_emb(inputs[0], positions)
-        for i in range(num_layers):
-            x = linear_layers[i](inputs[i], rope)
-            for layer in probe.model.layers[i + 1:]:
-                x = layer(x, rope)
-            out = distillation_sums(probe.model.norm(x), probe.lm_head.weight, targets, teacher_final,
-                                    teacher.lm_head.weight, chunk_tokens=4096)
-            sums[i] += float(out["kd_sum"])
-            bar.update(len(batch))
-        count += float(out["count"])
+    bar = tqdm(total=num_layers * sum(len(b) for batches in batch_sets for b, _ in batches),
+               desc=f"select-layers ({cfg.method})", unit="window", disable=not progress)
+    results = []
+    for batches in batch_sets:
+        sums = torch.zeros(num_layers, dtype=torch.float64)
+        count = 0.0
+        for batch, targets in batches:
+            batch, targets = batch.to(device), targets.to(device)
+            teacher_final, _ = final_hidden(teacher, batch, None, None, with_states=False)
+            _, inputs = probe.model(batch, output_hidden_states=True)  # inputs[i]: what enters layer i
+            positions = torch.arange(batch.shape[1], device=device)[None].expand(batch.shape[0], -1)
+            rope = probe.model.rotary_emb(inputs[0], positions)
+            for i in range(num_layers):
+                x = linear_layers[i](inputs[i], rope)
+                for layer in probe.model.layers[i + 1:]:
+                    x = layer(x, rope)
+                out = distillation_sums(probe.model.norm(x), probe.lm_head.weight, targets, teacher_final,
+                                        teacher.lm_head.weight, chunk_tokens=4096)
+                sums[i] += float(out["kd_sum"])
+                bar.update(len(batch))
+            count += float(out["count"])
+        results.append((sums / max(count, 1.0)).tolist())
     bar.close()
-    return (sums / max(count, 1.0)).tolist()
+    return results
 
 
 @torch.no_grad()
@@ -173,10 +176,11 @@ def select_attention_layers(source: str, cfg: SelectConfig, transfer: CrossArchT
     if cfg.method == "proxy":
         windows = first_windows(source, cfg.data, cfg.tokens, cfg.seq_len)
         parts["proxy"] = proxy_scores(source, windows, cfg, progress), windows.numel()
-    for part in ("kl", "passkey"):
-        if part in cfg.method.split("+"):
-            batches = _kl_batches(source, cfg, part)
-            parts[part] = kl_scores(source, batches, cfg, transfer, progress), sum(b.numel() for b, _ in batches)
+    scans = {part: _kl_batches(source, cfg, part) for part in ("kl", "passkey") if part in cfg.method.split("+")}
+    if scans:
+        for (part, batches), part_scores in zip(scans.items(), kl_scores(source, list(scans.values()), cfg, transfer,
+                                                                         progress), strict=True):
+            parts[part] = part_scores, sum(b.numel() for b, _ in batches)
     scores = combined_scores([s for s, _ in parts.values()])
     chosen = sorted(sorted(range(num_layers), key=lambda i: -scores[i])[:keep])
     report = {
@@ -205,4 +209,5 @@ def combined_scores(per_method: list[list[float]]) -> list[float]:
     """One method's scores as they are; several: per layer, the sum of its shares of each method's total."""
     if len(per_method) == 1:
         return per_method[0]
-    return [sum(s[i] / max(sum(s), 1e-30) for s in per_method) for i in range(len(per_method[0]))]
+    totals = [max(sum(s), 1e-30) for s in per_method]
+    return [sum(s[i] / total for s, total in zip(per_method, totals, strict=True)) for i in range(len(per_method[0]))]
