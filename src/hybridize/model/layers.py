@@ -207,11 +207,11 @@ _FOLD_MAX_QUERIES = 16  # the folded mask is H/Hkv times the mask: only for deco
 
 def _sdpa(q, k, v, attn_mask, dropout: float, scale: float) -> torch.Tensor:
     B, H, T, d = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     groups = H // Hkv
     if attn_mask is not None and groups > 1 and T <= _FOLD_MAX_QUERIES:
         if T > 1:  # query row (group, t) keeps token t's mask row
-            attn_mask = attn_mask[:, :, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
+            attn_mask = attn_mask.repeat(1, 1, groups, 1)  # row g·T + t is token t's
         y = F.scaled_dot_product_attention(q.reshape(B, Hkv, groups * T, d), k, v, attn_mask=attn_mask,
                                            dropout_p=dropout, scale=scale)
         return y.reshape(B, H, T, d)  # the kernel may return another memory layout
