@@ -7,7 +7,7 @@
 # CORPUS: a `hybridize corpus` folder (benchmarks/build_corpus.sh): train.jsonl for training and calibration,
 # val.jsonl and holdout.jsonl (a whole source never trained on) for evaluation. VARIANT: init-layers-seed, e.g.
 # zero-uniform-0 calibrated-selected-1, layers one of uniform (the 3:1 pattern), selected (LAYERS, else kl), or
-# kl / passkey / proxy (`hybridize select-layers --method ...` on train.jsonl, on the GPU, cached in RUNS)
+# kl / passkey / kl+passkey / proxy (`hybridize select-layers --method ...` on train.jsonl, on the GPU, cached in RUNS)
 # [default: the four variants with seed 0, then calibrated-uniform-1]. Each
 # run evaluates KL every EVAL_EVERY steps (the tokens-versus-quality curve) and passkey retrieval at the end;
 # re-running the script resumes unfinished runs and skips finished ones. On a 2-GPU host, GPU=0 and GPU=1 run two
@@ -24,7 +24,7 @@ py=${PYTHON:-python3}
 mkdir -p "$runs"
 selected() {  # METHOD -> the 7 layers `select-layers --method METHOD` keeps (cached in RUNS/select-METHOD.json)
   local json=$runs/select-$1.json extra=()
-  [ "$1" = passkey ] && extra=(--seq-len 1024 --batch-size 1)
+  case $1 in *passkey) extra=(--seq-len 1024 --batch-size 1) ;; esac  # heal's own settings for the passkey scan
   [ -s "$json" ] || "$py" -m hybridize select-layers "$gguf" --data "$corpus/train.jsonl" --keep 7 --method "$1" \
       "${extra[@]}" --json "$json" --no-progress > /dev/null
   "$py" -c "import json, sys; print(','.join(map(str, json.load(open(sys.argv[1]))['attention_layers'])))" "$json"
@@ -34,8 +34,8 @@ for variant in $variants; do
   case $layers in
     uniform) ;;
     selected) LAYERS=${LAYERS:-$(selected kl)} ;;
-    kl|passkey|proxy) ;;
-    *) echo "unknown layers '$layers' in $variant: uniform, selected, kl, passkey or proxy" >&2; exit 2 ;;
+    kl|passkey|kl+passkey|proxy) ;;
+    *) echo "unknown layers '$layers' in $variant: uniform, selected, kl, passkey, kl+passkey or proxy" >&2; exit 2 ;;
   esac
   out=$runs/$variant
   if [ -f "$out/final/config.json" ] && grep -q '"eval"' "$out/heal.json"; then echo "== $variant: done"; continue; fi
@@ -46,9 +46,9 @@ for variant in $variants; do
         --weights-dtype bfloat16 --no-progress)
   [ "$init" = calibrated ] || args+=(--no-calibrate)
   case $layers in
-    uniform) args+=(--select-layers none) ;;  # heal's default selects with kl
+    uniform) args+=(--select-layers none) ;;  # heal's default selects with kl+passkey
     selected) args+=(--attention-layers "$LAYERS") ;;
-    kl|passkey|proxy) args+=(--attention-layers "$(selected "$layers")") ;;
+    kl|passkey|kl+passkey|proxy) args+=(--attention-layers "$(selected "$layers")") ;;
   esac
   [ -d "$out" ] && args+=(--resume)
   echo "== $variant $(date -u +%T)"

@@ -86,12 +86,13 @@ def test_static_graph_vs_dynamic_bfloat16_first_divergence():
 @torch.no_grad()
 def test_verify_step_graph_replay_equals_eager_step():
     """Speculative decoding's T-token verify step, one graph per T (5, 2, 1), with a rollback after each and a
-    one-token step between: every replay equals the eager fixed step (float32)."""
+    one-token step between: every replay equals the eager fixed step (float32). Each T runs at least twice: a
+    shape's first call is its eager warm-up, the second captures."""
     from hybridize.model.decode_step import forward_new_tokens
 
     model = model_on_cuda(torch.float32)
     ids = torch.randint(1, VOCAB, (2, 100), device="cuda")
-    drafts = [torch.randint(1, VOCAB, (2, T), device="cuda") for T in (5, 5, 5, 2, 2, 2, 1)]
+    drafts = [torch.randint(1, VOCAB, (2, T), device="cuda") for T in (5, 5, 5, 2, 2, 2, 1, 1)]
     outs = {}
     for graph in (True, False):
         cache = StaticHybridCache(model.config, max_cache_len=200, cuda_graph=graph)

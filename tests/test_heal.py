@@ -7,6 +7,7 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -278,9 +279,11 @@ def test_resume_during_the_evaluation_keeps_its_finished_pieces(workspace, tmp_p
     assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(state["done"]["eval"]))
 
 
-def test_kl_selection_is_the_default_unless_a_layout_or_none_is_given(workspace, tmp_path, monkeypatch):
-    """heal selects its attention layers with the kl method by default; `--select-layers none` or a layout flag
-    keeps the layout; --resume keeps what the run recorded (runs from before the default recorded none)."""
+def test_kl_passkey_selection_is_the_default_unless_a_layout_or_none_is_given(workspace, tmp_path, monkeypatch,
+                                                                              capsys):
+    """heal selects its attention layers with kl+passkey by default (kl, with a note, when --data is only .npy
+    tokens: the passkey prompts need text); `--select-layers none` or a layout flag keeps the layout; --resume
+    keeps what the run recorded (runs from before the default recorded none)."""
     import hybridize.heal as heal
 
     jobs = []
@@ -290,20 +293,26 @@ def test_kl_selection_is_the_default_unless_a_layout_or_none_is_given(workspace,
         assert _heal(workspace, tmp_path / "out", *extra) == 0
         return jobs[-1].heal.select_layers, jobs[-1].transfer.hybrid_attention.attention_layers
 
-    assert chosen() == ("kl", None)
+    assert chosen() == ("kl+passkey", None)
+    assert "note" not in capsys.readouterr().err
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.arange(2000, dtype=np.uint16) % 100)
+    assert main(["heal", str(workspace / "teacher"), str(tmp_path / "o_npy"), "--data", str(tokens)]) == 0
+    assert (jobs[-1].heal.select_layers, jobs[-1].data) == ("kl", [str(tokens)])
+    assert "selects its attention layers with kl alone" in capsys.readouterr().err
     assert chosen("--select-layers", "none") == (None, None)
     assert chosen("--attention-layers", "1") == (None, [1])
     assert chosen("--select-layers", "proxy") == ("proxy", None)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "heal.json").write_text(json.dumps({"settings": {"heal": {"select_layers": None}}}))
     assert chosen("--resume") == (None, None)
-    assert chosen() == ("kl", None)  # a new run in the same place is run_heal's to refuse
+    assert chosen() == ("kl+passkey", None)  # a new run in the same place is run_heal's to refuse
     from hybridize.heal import check_job
     from hybridize.transfer.config import HybridAttentionConfig
 
     job = jobs[-1]  # from Python: a default HealConfig with an explicit layout is a contradiction, not an override
     job.transfer = CrossArchTransferConfig(hybrid_attention=HybridAttentionConfig(attention_layers=[1]))
-    with pytest.raises(HybridizeError, match=r"select_layers='kl' would replace the layout"):
+    with pytest.raises(HybridizeError, match=r"select_layers='kl\+passkey' would replace the layout"):
         check_job(job)
     with pytest.raises(HybridizeError, match="must be one of kl, passkey, kl\\+passkey, proxy or none"):
         HealConfig(select_layers="knn")
@@ -329,7 +338,6 @@ def test_select_layers_chooses_the_attention_layers_before_converting(workspace,
     assert _heal(workspace, tmp_path / "o2", "--select-layers", "kl", "--attention-layers", "1") == 2
     assert "not both" in capsys.readouterr().err
     tokens = tmp_path / "tokens.npy"
-    import numpy as np
 
     np.save(tokens, np.arange(2000, dtype=np.uint16) % 100)
     code = main(["heal", str(workspace / "teacher"), str(tmp_path / "o3"), "--data", str(tokens), "--no-calibrate",

@@ -206,3 +206,19 @@ def test_generate_reuses_its_static_cache_across_calls(model):
     assert run(three, None, 4)[2].rows == 3  # more rows: a new cache
     model.release_static_cache()
     assert model._reusable_static_cache is None
+
+
+def test_a_failed_capture_names_the_error_that_broke_it():
+    """A capture broken by one op ends with a second, generic error from the capture's exit; the note names the
+    first (the op's), which Python keeps as the context of the second."""
+    from hybridize.model.decode_step import _root_cause
+
+    try:
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture") from None
+    except RuntimeError as e:
+        hidden = e
+    assert _root_cause(hidden) == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    assert _root_cause(ValueError("only\n  one")) == "ValueError: only one"

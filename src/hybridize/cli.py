@@ -1111,10 +1111,11 @@ def add_heal_parser(sub) -> None:
                    "(kl, passkey, kl+passkey or proxy; as many as the 3:1 pattern keeps) on --data (passkey: its "
                    "text) before "
                    "converting, on the GPU when there is one; the choice and the scores go to heal.json. 'none' "
-                   "keeps the 3:1 pattern. Why kl: on SmolLM2-135M its layers healed to 20%% lower KL than the "
-                   "pattern's, two seeds (docs/BENCHMARKS.md); it costs a probe forward per layer on 16k tokens "
-                   f"[default: {h.select_layers}, none when --pattern/--period/--attention-layers is given; a "
-                   "--resume keeps the run's own choice]")
+                   "keeps the 3:1 pattern. Why kl+passkey: on SmolLM2-135M its layers healed to 31%% lower KL than "
+                   "the pattern's and kept passkey retrieval, which the pattern and kl alone lose "
+                   "(docs/BENCHMARKS.md); it costs a probe forward per layer on 16k tokens of each scan "
+                   f"[default: {h.select_layers} (kl when --data is only .npy tokens), none when "
+                   "--pattern/--period/--attention-layers is given; a --resume keeps the run's own choice]")
     p.add_argument("--weights-dtype", choices=list(DTYPES), default=None,
                    help="dtype of the converted and the final weights [default: the source's stored dtype]")
     add_calibrate_arguments(p, heal=True)
@@ -1146,11 +1147,12 @@ def _heal_calibration(args) -> dict:
 
 def _heal_selection(args) -> str | None:
     """The heal run's --select-layers: the flag when given ('none' = None); none when a layout flag is given; on
-    --resume the run's own recorded choice (runs from before kl became the default recorded none); else the
-    default."""
+    --resume the run's own recorded choice (runs from before selection became the default recorded none); else the
+    default (kl for .npy-only data: the passkey scan needs text)."""
     from pathlib import Path
 
     from .heal import HealConfig, recorded_heal_settings
+    from .train.data import needs_tokenizer
 
     layout = (args.pattern, args.period, args.attention_layers) != (None, None, None)
     if args.select_layers is not None:
@@ -1160,7 +1162,13 @@ def _heal_selection(args) -> str | None:
     if layout:
         return None
     recorded = recorded_heal_settings(Path(args.out).expanduser()) if args.resume else None
-    return HealConfig.select_layers if recorded is None else recorded.get("select_layers")
+    if recorded is not None:
+        return recorded.get("select_layers")
+    if "passkey" in HealConfig.select_layers and not needs_tokenizer(args.data):
+        print("hybridize: note: --data holds only .npy tokens, so heal selects its attention layers with kl alone "
+              "(the passkey scan builds its prompts from text); pass the text to have both scans", file=sys.stderr)
+        return "kl"
+    return HealConfig.select_layers
 
 
 def cmd_heal(args) -> int:

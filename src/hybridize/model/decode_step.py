@@ -63,8 +63,8 @@ class GraphedCall:
     capture), the second captures the graph, every call from then on replays it and returns copies of its output
     tensors (the next replay overwrites them). Without graphs, `fn()` itself."""
 
-    def __init__(self, fn, policy: GraphPolicy):
-        self.fn, self.policy = fn, policy
+    def __init__(self, fn, policy: GraphPolicy, label: str = ""):
+        self.fn, self.policy, self.label = fn, policy, label
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out = None  # the graph's outputs: a tensor, a tuple of tensors, or None
         self.warmed_up = False
@@ -100,11 +100,20 @@ class GraphedCall:
             if self.policy.strict:
                 raise
             self.policy.use_graph = False
-            print(f"hybridize: note: {self.policy.what} could not be captured as a CUDA graph "
-                  f"({' '.join(str(e).split())[:160]}); it runs eagerly, slower", file=sys.stderr)
+            where = f" ({self.label})" if self.label else ""
+            print(f"hybridize: note: {self.policy.what}{where} could not be captured as a CUDA graph "
+                  f"({_root_cause(e)}); it runs eagerly, slower", file=sys.stderr)
             return False
         self.graph = graph
         return True
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first error of a failed capture: the one that ended it ("operation failed due to a previous error during
+    capture", raised by the capture's exit) hides the op that broke it, which Python keeps as its context."""
+    while error.__context__ is not None:
+        error = error.__context__
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:240]}"
 
 
 class _Shape:
@@ -114,7 +123,7 @@ class _Shape:
         device = step.start.device
         self.ids = torch.zeros(step.batch, T, dtype=torch.long, device=device)
         self.offsets = torch.arange(T, device=device)  # new token i goes to slot start + i, position before + i
-        self.call = GraphedCall(lambda: step._compute(self), step.policy)
+        self.call = GraphedCall(lambda: step._compute(self), step.policy, label=f"batch {step.batch}, {T} new tokens")
 
     @property
     def graph(self) -> torch.cuda.CUDAGraph | None:

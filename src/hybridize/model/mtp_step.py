@@ -104,7 +104,7 @@ class FixedMTPHeads:
         """k greedy drafts (B, k) after the backbone cache's last slot."""
         self._follow_cache()
         if k not in self.drafts:
-            self.drafts[k] = GraphedCall(lambda: self._draft(k), self.policy)
+            self.drafts[k] = GraphedCall(lambda: self._draft(k), self.policy, label=f"{k} drafts")
         self.start.fill_(self.cache.seq_length)
         return self.drafts[k]()
 
@@ -116,7 +116,8 @@ class FixedMTPHeads:
         T = hidden.shape[1]
         if T not in self.updates:
             bufs = (torch.empty_like(hidden), torch.empty_like(next_ids), torch.empty_like(n_accepted))
-            self.updates[T] = (GraphedCall(lambda: self._update(*bufs), self.policy), *bufs)
+            call = GraphedCall(lambda: self._update(*bufs), self.policy, label=f"update, {T} tokens")
+            self.updates[T] = (call, *bufs)
         call, *bufs = self.updates[T]
         for buf, value in zip(bufs, (hidden, next_ids, n_accepted), strict=True):
             buf.copy_(value)
