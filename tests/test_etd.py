@@ -144,7 +144,10 @@ def test_cached_decoding_equals_full_forward(random_etd):
     parts = [model(ids[:, :9], cache=cache).logits, model(ids[:, 9:16], cache=cache).logits]
     parts += [model(ids[:, t:t + 1], cache=cache).logits for t in range(16, 24)]
     delta = (torch.cat(parts, 1) - full).abs().max().item()
-    assert delta <= 1e-4, delta
+    # float32 rounding of the chunked (full) against the one-token (cached) recurrences, amplified by two random
+    # think iterations (logits up to 1.65): 1.04e-4 on one 2-core CPU, below 1e-4 on another; the same comparison
+    # with float64 weights gives 2.2e-6 (the norms compute in float32)
+    assert delta <= 2e-4, delta
     # L = 4 layers, T = 2 iterations, think layers 1, 2: iteration 1 at t·L + i, REPEAT passes at (T + t)·L + i
     assert set(cache.conv_states) | set(cache.key_cache) == {0, 1, 2, 3, 5, 6, 9, 10, 13, 14}
 

@@ -104,8 +104,9 @@ class HybridCache:
         n_keep = torch.as_tensor(n_keep).to("cpu", torch.long).expand(B)
         if int(n_keep.min()) < 1 or int(n_keep.max()) > T:
             raise ValueError(f"n_keep must lie in [1, {T}] (the last forward's length), got {n_keep.tolist()}")
+        uniform = bool((n_keep == n_keep[0]).all())  # every row keeps as many (always at batch 1)
         if self._checkpoints:  # one index for every layer: a verify step's rollback is a few kernels per layer
-            if bool((n_keep == n_keep[0]).all()):  # every row keeps as many (batch 1): a view, no gather
+            if uniform:  # a view, no gather
                 pick = (slice(None), int(n_keep[0]) - 1)
             else:
                 pick = (torch.arange(B, device=device), (n_keep - 1).to(device))
@@ -113,10 +114,12 @@ class HybridCache:
         self._checkpoints = {}
         keep = past + int(n_keep.max())
         self._keep_kv(keep)
+        self.seq_length, self.last_length = keep, 0
+        if self.attention_mask is None and uniform:  # no holes before, none now: no mask to build (nor to sync on)
+            return
         mask = self.attention_mask
         mask = torch.ones(B, past + T, dtype=torch.bool, device=device) if mask is None else mask.clone()
         mask[:, past:] &= (torch.arange(T)[None, :] < n_keep[:, None]).to(mask.device)  # (B, T): tokens kept
-        self.seq_length, self.last_length = keep, 0
         self.attention_mask = None if bool(mask[:, :keep].all()) else mask[:, :keep]
 
     def _batch(self) -> tuple[int, torch.device]:

@@ -192,11 +192,13 @@ class MTPDecoder:
             with run.clock("draft"):
                 drafts, q = run.draft(tok, k)
             n_acc, tok = run.verify(tok, drafts, q)
-            rows = drafts.tolist()
-            accepted.append(n_acc.tolist())
-            committed += sum(int(n_acc[b]) + 1 for b in active)
+            # one device-to-host copy per verify step (each is a sync): [drafts | accepted | next token] per row
+            rows = torch.cat([drafts, n_acc[:, None], tok[:, None]], dim=1).tolist()
+            n_host = [row[k] for row in rows]
+            accepted.append(n_host)
+            committed += sum(n_host[b] + 1 for b in active)
             verifies += len(active)
-            out.commit([rows[b][: int(n_acc[b])] + [int(tok[b])] for b in range(len(rows))])
+            out.commit([row[: row[k]] + [row[k + 1]] for row in rows])
         step = getattr(cache, "decode_step", None)
         self.stats = {"verify_steps": verifies, "tokens_per_verify": committed / max(verifies, 1),
                       "mean_accepted_drafts": committed / max(verifies, 1) - 1.0, "accepted": accepted,

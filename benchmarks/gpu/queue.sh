@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The benchmark jobs of a GPU session, in order, for at most SECONDS; each job resumes where a previous call
+# stopped (state in /tmp/jobs: NAME.done), so the same command, repeated, works through the queue. JOBS="a b"
+# picks jobs. The small results (JSON, logs) go to $OUT/results.tgz.
+#
+#   bash benchmarks/gpu/queue.sh SECONDS
+#
+# heal       the kl+passkey layers, seed ${SEED:-1}, all evaluations (the second seed of docs/BENCHMARKS.md's
+#            "Both scans at once"); the GPU tests run alongside (tiny shapes)
+# after      MTP heads (train-mtp, 16.4M tokens) and the ETD arms (benchmarks/etd_smollm2.py) side by side
+# spec       bench --speculative on val and code, batch 1 and 8
+# verify8b   Qwen3-8B shapes: decode, 2- and 4-token verify steps
+# trainnone  the SmolLM2 training step without FSDP (bench --train --sharding none)
+set -u
+source benchmarks/gpu/env.sh
+budget=${1:?usage: queue.sh SECONDS} t0=$(date +%s) seed=${SEED:-1}
+left() { echo $(( budget - ($(date +%s) - t0) )); }
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+if [ ! -s $C/train_tokens.npy ]; then
+  xz -dc ${PARTS:-.carry}/c4/train_tokens.npy.xz > $C/train_tokens.npy.tmp && mv $C/train_tokens.npy.tmp $C/train_tokens.npy
+fi
+model=$R/klpk-$seed/final
+
+job_heal() {
+  if [ ! -f $J/gputests.started ]; then touch $J/gputests.started
+    (timeout 1200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_static.py tests/test_gpu_fused.py \
+      tests/test_gpu_model.py > $R/gputests.log 2>&1; echo "rc=$?" >> $R/gputests.log) &
+  fi
+  local run=$R/klpk-$seed resume=(); [ -d $run ] && resume=(--resume)
+  timeout "$(left)" python3 -m hybridize heal $G $run --data $C/train_tokens.npy \
+    --eval-data $C/val.jsonl $C/holdout.jsonl --tokens 15M --seq-len 2048 --batch-size 16 --save-every 50 \
+    --eval-every 100 --eval-tokens 131072 --eval-passkey 1k,2k,4k,8k --passkey-trials 5 --seed $seed \
+    --weights-dtype bfloat16 --attention-layers 0,1,16,18,19,20,24 --no-progress "${resume[@]}" \
+    > $R/klpk-$seed.json 2>> $R/klpk-$seed.log
+}
+job_after() {
+  local resume=(); [ -d $R/mtp.partial ] && resume=(--resume)
+  if [ ! -f $J/mtp.done ]; then
+    (timeout "$(left)" python3 -m hybridize train-mtp $model --data $C/train_tokens.npy --out $R/mtp --steps 1000 \
+      --batch-size 16 --seq-len 1024 --save-every 100 --no-progress "${resume[@]}" > $R/mtp.json 2>> $R/mtp.log \
+      && touch $J/mtp.done) &
+  fi
+  timeout "$(left)" python3 benchmarks/etd_smollm2.py $model --teacher $G --data $C/train_tokens.npy \
+    --eval-data $C/val.jsonl --out $R/etd --tokens 1M --iterations 1,2 --router-steps 60 --json $R/etd.json \
+    >> $R/etd.log 2>&1
+  local rc=$?; wait; [ $rc = 0 ] && [ -f $J/mtp.done ]
+}
+job_spec() {
+  timeout "$(left)" python3 -m hybridize bench $R/mtp --speculative --data $C/val.jsonl $C/code.jsonl \
+    --decode-batches 1,8 --draft-tokens 3 --prompts 16 --new-tokens 128 --json $R/spec.json > $R/spec.txt 2>&1
+}
+job_verify8b() {
+  timeout "$(left)" python3 -m hybridize bench --shape qwen3-8b --prefill-lengths 4k --decode-batches 1 \
+    --decode-contexts 1k --new-tokens 64 --repeats 1 --verify-tokens 2,4 --against none --no-dynamic \
+    --json $R/verify8b.json > $R/verify8b.txt 2>&1
+}
+job_trainnone() {
+  timeout "$(left)" python3 -m hybridize bench --train --shape smollm2 --seq-len 2048 --batch-size 16 \
+    --sharding none --against none --checkpointing off --json $R/trainnone.json > $R/trainnone.txt 2>&1
+}
+
+for job in ${JOBS:-heal after spec verify8b trainnone}; do
+  [ -f $J/$job.done ] && continue
+  [ "$(left)" -lt 20 ] && break
+  echo "== $job $(date -u +%T), ${budget}s budget, $(left)s left"
+  if job_$job; then touch $J/$job.done; echo "== $job done $(date -u +%T)"
+  else echo "== $job stopped (rc $?) $(date -u +%T)"; break; fi
+done
+# one archive: the device tool brings back few files
+(cd $R && find . -maxdepth 3 \( -name '*.json' -o -name '*.jsonl' -o -name '*.log' -o -name '*.txt' \) -size -4M \
+   -not -path '*/final/*' -not -path '*/hybrid/*' -not -path '*/checkpoint*' -not -name 'tokenizer*' -print0 \
+   | tar czf "$out/results.tgz" --null -T -)
+ls $J; tail -n 3 $R/*.log 2>/dev/null | cut -c1-240
