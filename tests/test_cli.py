@@ -265,3 +265,14 @@ def test_convert_tiny_qwen3(tiny_qwen3_dir, tmp_path):
     again = run_cli("convert", str(tiny_qwen3_dir), str(out))  # exists, no --force
     assert again.returncode == 2 and again.stderr.startswith("hybridize: error:") and "--force" in again.stderr
     assert run_cli("convert", str(tiny_qwen3_dir), str(out), "--force", "--dtype", "bfloat16").returncode == 0
+
+
+def test_commands_keep_triton_autotuning_on_disk_unless_the_user_says(monkeypatch, capsys):
+    """fla's kernels autotune on first use; every command keeps the winners in Triton's disk cache (so a resumed
+    run does not tune again), and leaves a user's own TRITON_CACHE_AUTOTUNING alone."""
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    assert main(["--help"]) == 0
+    assert os.environ["TRITON_CACHE_AUTOTUNING"] == "1"
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")
+    assert main(["--help"]) == 0
+    assert os.environ["TRITON_CACHE_AUTOTUNING"] == "0"

@@ -2,7 +2,7 @@
 # Pack what a benchmark session on an offline GPU host needs into parts that each fit one transfer (≤ 60 MiB with
 # the wheels beside them): the teacher GGUF in three pieces, the evaluation text, the training tokens.
 #
-#   benchmarks/gpu/pack.sh GGUF CORPUS [OUT]        (OUT default .carry; run from the repository root)
+#   [TRITON_CACHE=triton.tar.xz] benchmarks/gpu/pack.sh GGUF CORPUS [OUT]    (OUT default .carry; from the repo root)
 #
 # CORPUS: a `hybridize corpus` folder (benchmarks/build_corpus.sh). The training split is tokenized here once with
 # the GGUF's tokenizer (uint16 when the vocabulary allows) so the GPU host reads token ids, not 62 MB of text. Then,
@@ -39,4 +39,6 @@ np.save(sys.argv[3], ids.astype(np.uint16 if ids.max() < 2**16 else np.uint32))
 print(f"pack: {len(ids):,} training tokens")
 PY
 xz -T2 -f "$out/c4/train_tokens.npy"
+# a previous session's Triton cache (queue.sh's $OUT/triton.tar.xz), when TRITON_CACHE=that file: no re-tuning
+if [ -n "${TRITON_CACHE:-}" ]; then cp "$TRITON_CACHE" "$out/c4/triton.tar.xz"; fi
 du -sh "$out"/c*

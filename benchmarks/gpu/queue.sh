@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark jobs of a GPU session, in order, for at most SECONDS; each job resumes where a previous call
 # stopped (state in /tmp/jobs: NAME.done), so the same command, repeated, works through the queue. JOBS="a b"
-# picks jobs. The small results (JSON, logs) go to $OUT/results.tgz.
+# picks jobs. The small results (JSON, logs) go to $OUT/results.tgz, Triton's cache to $OUT/triton.tar.xz.
 #
 #   bash benchmarks/gpu/queue.sh SECONDS
 #
@@ -20,6 +20,9 @@ if [ ! -s $C/train_tokens.npy ]; then
   xz -dc ${PARTS:-.carry}/c4/train_tokens.npy.xz > $C/train_tokens.npy.tmp && mv $C/train_tokens.npy.tmp $C/train_tokens.npy
 fi
 model=$R/klpk-$seed/final
+if [ -s ${PARTS:-.carry}/c4/triton.tar.xz ] && [ ! -d $TRITON_CACHE_DIR ]; then
+  mkdir -p $TRITON_CACHE_DIR && tar xJf ${PARTS:-.carry}/c4/triton.tar.xz -C $TRITON_CACHE_DIR
+fi
 
 job_heal() {
   if [ ! -f $J/gputests.started ]; then touch $J/gputests.started
@@ -70,4 +73,5 @@ done
 (cd $R && find . -maxdepth 3 \( -name '*.json' -o -name '*.jsonl' -o -name '*.log' -o -name '*.txt' \) -size -4M \
    -not -path '*/final/*' -not -path '*/hybrid/*' -not -path '*/checkpoint*' -not -name 'tokenizer*' -print0 \
    | tar czf "$out/results.tgz" --null -T -)
+[ -d $TRITON_CACHE_DIR ] && tar cJf "$out/triton.tar.xz" -C $TRITON_CACHE_DIR . 2> /dev/null
 ls $J; tail -n 3 $R/*.log 2>/dev/null | cut -c1-240

@@ -1320,6 +1320,9 @@ def main(argv: list[str] | None = None) -> int:
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()
+    # fla's Triton kernels autotune on first use (186 s for SmolLM2 on a fresh H200): keep the winners in Triton's
+    # on-disk cache beside the compiled kernels, so a resumed or repeated command does not tune again
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
