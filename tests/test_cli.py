@@ -276,3 +276,12 @@ def test_commands_keep_triton_autotuning_on_disk_unless_the_user_says(monkeypatc
     monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")
     assert main(["--help"]) == 0
     assert os.environ["TRITON_CACHE_AUTOTUNING"] == "0"
+
+
+def test_convert_refuses_a_missing_parent_folder_before_reading_the_source(tiny_qwen3_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    import hybridize.transfer.convert as convert
+
+    monkeypatch.setattr(convert, "open_source", lambda *a, **k: pytest.fail("the source was read"))
+    assert main(["convert", str(tiny_qwen3_dir), str(tmp_path / "no" / "such" / "out")]) == 2
+    assert "the parent folder of" in capsys.readouterr().err

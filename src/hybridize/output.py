@@ -113,6 +113,18 @@ def check_not_an_input(output: str | Path, inputs: Iterable[str | Path | None], 
             )
 
 
+def check_output_folder(output: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """`output` as an absolute path, once it is known that a folder can be written there: not an input, not there
+    yet (unless `force`), its parent present. Commands call it before reading a large source."""
+    output = Path(output).expanduser().absolute()
+    check_not_an_input(output, inputs)
+    if output.exists() and not force:
+        raise HybridizeError(f"{output} already exists; pass --force (force=True) to replace it")
+    if not output.parent.is_dir():
+        raise HybridizeError(f"the parent folder of {output} does not exist")
+    return output
+
+
 @contextmanager
 def atomic_output_folder(output: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()
                          ) -> Iterator[Path]:
@@ -120,12 +132,7 @@ def atomic_output_folder(output: str | Path, force: bool = False, inputs: Iterab
 
     `inputs` are the paths the output is made from: an output that overlaps one of them is refused.
     """
-    output = Path(output).expanduser().absolute()
-    check_not_an_input(output, inputs)
-    if output.exists() and not force:
-        raise HybridizeError(f"{output} already exists; pass --force (force=True) to replace it")
-    if not output.parent.is_dir():
-        raise HybridizeError(f"the parent folder of {output} does not exist")
+    output = check_output_folder(output, force, inputs)
     remove_stale_temporaries(output.parent)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     _remove(tmp)

@@ -19,7 +19,7 @@ from ..export.qwen3_5 import check_qwen3_5_source, iter_qwen3_5_tensors, qwen3_5
 from ..model.config import HybridConfig, layer_stats
 from ..model.etd import ETDConfig, etd_from_hybrid
 from ..model.modeling import HybridForCausalLM
-from ..output import atomic_output_folder, check_not_an_input, copy_side_files
+from ..output import atomic_output_folder, check_output_folder, copy_side_files
 from .calibrate import calibrator_for
 from .config import CrossArchTransferConfig, HybridAttentionConfig, hybrid_config_from_source
 from .mapping import iter_hybrid_tensors, required_source_tensors, source_tensor_shapes
@@ -146,10 +146,7 @@ def convert_to_folder(source: str, output: str | Path, config: CrossArchTransfer
     """
     start = time.perf_counter()
     transfer = _transfer_config(config)
-    output = Path(output).expanduser().absolute()
-    check_not_an_input(output, [source])
-    if output.exists() and not force:  # fail before reading a large source
-        raise HybridizeError(f"{output} already exists; pass --force (force=True) to replace it")
+    output = check_output_folder(output, force, [source])  # fail before reading a large source
     with open_source(source) as src:
         dtype = resolve_dtype(dtype, src.config)
         cfg = hybrid_config_for(src.config, src.family, transfer.hybrid_attention, dtype)
