@@ -285,3 +285,10 @@ def test_convert_refuses_a_missing_parent_folder_before_reading_the_source(tiny_
     monkeypatch.setattr(convert, "open_source", lambda *a, **k: pytest.fail("the source was read"))
     assert main(["convert", str(tiny_qwen3_dir), str(tmp_path / "no" / "such" / "out")]) == 2
     assert "the parent folder of" in capsys.readouterr().err
+
+
+def test_convert_no_progress_draws_no_bars(tiny_qwen3_dir, tmp_path, capsys):
+    assert main(["convert", str(tiny_qwen3_dir), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "convert:" not in capsys.readouterr().err  # tqdm's "convert: 100%|..." bar
+    assert main(["convert", str(tiny_qwen3_dir), str(tmp_path / "out2")]) == 0
+    assert "convert:" in capsys.readouterr().err

@@ -172,6 +172,8 @@ def add_convert_parser(sub) -> None:
         "calibration windows [default: 0]",
     )
     add_calibrate_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (reading a GGUF, calibrating, "
+                   "writing)")
     p.set_defaults(func=cmd_convert)
 
 
@@ -282,7 +284,11 @@ def cmd_convert(args) -> int:
         source_model=args.source, hybrid_attention=attention, gate_init_strategy=args.gate_init, seed=args.seed,
         **calibrate,
     )
-    summary = convert_to_folder(args.source, args.output, transfer, dtype=args.dtype, force=args.force)
+    from .train.models import gguf_progress
+
+    with gguf_progress(not args.no_progress):
+        summary = convert_to_folder(args.source, args.output, transfer, dtype=args.dtype, force=args.force,
+                                    progress=not args.no_progress)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
