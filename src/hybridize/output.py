@@ -113,11 +113,12 @@ def check_not_an_input(output: str | Path, inputs: Iterable[str | Path | None], 
             )
 
 
-def check_output_folder(output: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
+def check_output_folder(output: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = (),
+                        what: str = "OUTPUT") -> Path:
     """`output` as an absolute path, once it is known that a folder can be written there: not an input, not there
     yet (unless `force`), its parent present. Commands call it before reading a large source."""
     output = Path(output).expanduser().absolute()
-    check_not_an_input(output, inputs)
+    check_not_an_input(output, inputs, what=what)
     if output.exists() and not force:
         raise HybridizeError(f"{output} already exists; pass --force (force=True) to replace it")
     if not output.parent.is_dir():

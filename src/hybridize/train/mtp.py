@@ -38,7 +38,7 @@ from ..device import resolve_device
 from ..errors import HybridizeError
 from ..model.modeling import HybridForCausalLM
 from ..model.mtp import MultiTokenPredictor, mtp_depth_losses, mtp_depth_states
-from ..output import TOKENIZER_FILES, atomic_output_folder, check_not_an_input, copy_side_files
+from ..output import TOKENIZER_FILES, atomic_output_folder, check_not_an_input, check_output_folder, copy_side_files
 from .checkpoint import PREFIX, STATE_FILE, checkpoint_root, complete_checkpoints, remove_unfinished
 from .data import PackedBatches, load_or_build_tokens
 from .models import load_tokenizer
@@ -288,16 +288,12 @@ def run_train_mtp(model_dir: str | Path, data: list[str], out: str | Path, confi
     replaces an existing OUT and (without `resume`) discards an existing work folder. With `config.stop_at` before
     the end, nothing is written to `out` and the summary says `"stopped": true`."""
     start = time.perf_counter()
-    model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser().absolute()
+    model_dir = Path(model_dir).expanduser()
+    out = check_output_folder(out, force, [model_dir, *data], what="--out")
     work = work_folder(out)
-    check_not_an_input(out, [model_dir, *data], what="--out")
     check_not_an_input(work, [model_dir, *data], what="the work folder")
-    if out.exists() and not force:
-        raise HybridizeError(f"{out} already exists; pass --force to replace it")
     if not (model_dir / "config.json").is_file():
         raise HybridizeError(f"{model_dir} is not a model folder: no config.json")
-    if not out.parent.is_dir():
-        raise HybridizeError(f"the parent folder of {out} does not exist")
     settings = {"model": str(model_dir.absolute()), "data": [str(Path(d).expanduser().absolute()) for d in data],
                 **config.settings()}
     checkpoint = open_work_folder(work, settings, resume, force)
