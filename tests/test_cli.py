@@ -292,3 +292,39 @@ def test_convert_no_progress_draws_no_bars(tiny_qwen3_dir, tmp_path, capsys):
     assert "convert:" not in capsys.readouterr().err  # tqdm's "convert: 100%|..." bar
     assert main(["convert", str(tiny_qwen3_dir), str(tmp_path / "out2")]) == 0
     assert "convert:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_the_script_skips_interpreter_teardown_after_a_process_group(monkeypatch, joined):
+    """A gloo worker thread still dropping its last collective's tensors during interpreter teardown aborts a
+    finished 2-process run (SIGABRT, seen in CI): after a command that joined a process group the script leaves
+    with os._exit (same exit code, streams flushed); other commands exit normally."""
+    import hybridize.cli as cli
+    import hybridize.train.parallelize as parallelize
+
+    class Left(Exception):
+        pass
+
+    def leave(how):
+        def record(code):
+            raise Left(how, code)
+        return record
+
+    monkeypatch.setattr(parallelize, "_started", joined)
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(os, "_exit", leave("os._exit"))
+    monkeypatch.setattr(sys, "exit", leave("sys.exit"))
+    with pytest.raises(Left) as left:
+        cli.run()
+    assert left.value.args == ("os._exit" if joined else "sys.exit", 3)
+
+
+def test_init_distributed_records_that_a_process_group_ran(monkeypatch):
+    import hybridize.train.parallelize as parallelize
+
+    monkeypatch.setattr(parallelize, "_started", False)
+    parallelize.init_distributed("cpu")
+    try:
+        assert parallelize.started_process_group()
+    finally:
+        parallelize.shutdown_distributed()

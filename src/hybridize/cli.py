@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import signal
@@ -1350,5 +1351,22 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def run() -> None:
+    """The `hybridize` script and `python -m hybridize`: main(), then leave the process with its exit code."""
+    code = main()
+    parallelize = sys.modules.get("hybridize.train.parallelize")
+    if parallelize is not None and parallelize.started_process_group():
+        # A process group's gloo worker thread can still be dropping its last collective's tensors while the
+        # interpreter finalizes; it then takes the GIL of a dying interpreter and aborts the process (SIGABRT,
+        # "terminate called without an active exception", after a complete run: seen in 2-process CPU runs with
+        # torch 2.13, the case of pytorch/pytorch#179291). Everything is written by now: flush and leave without
+        # finalizing.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

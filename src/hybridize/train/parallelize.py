@@ -34,6 +34,14 @@ class DistEnv:
         return self.rank == 0
 
 
+_started = False  # whether this process ever joined a process group (see started_process_group)
+
+
+def started_process_group() -> bool:
+    """Whether init_distributed ran in this process: its gloo / NCCL worker threads may outlive the group."""
+    return _started
+
+
 def init_distributed(device: str | None = None) -> DistEnv:
     """Join torchrun's process group (or make a world of one) and pick this rank's device.
 
@@ -43,6 +51,8 @@ def init_distributed(device: str | None = None) -> DistEnv:
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("CUDA was asked for but is not available")
     backend = "nccl" if use_cuda else "gloo"
+    global _started
+    _started = True
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
             device_id = None
