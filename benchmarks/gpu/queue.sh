@@ -44,7 +44,7 @@ job_after() {
       && touch $J/mtp.done) &
   fi
   timeout "$(left)" python3 benchmarks/etd_smollm2.py $model --teacher $G --data $C/train_tokens.npy \
-    --eval-data $C/val.jsonl --out $R/etd --tokens 1M --iterations 1,2 --router-steps 60 --json $R/etd.json \
+    --eval-data $C/val.jsonl --out $R/etd --tokens 2M --iterations 1,2,3 --router-steps 60 --json $R/etd.json \
     >> $R/etd.log 2>&1
   local rc=$?; wait; [ $rc = 0 ] && [ -f $J/mtp.done ]
 }
