@@ -257,7 +257,10 @@ def test_composes_with_mtp_heads():
     assert out.loss.item() == pytest.approx((task + (weights * out.mtp_losses).sum()).item(), rel=1e-5)
     reference = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
     for drafts in (1, 3):
-        assert torch.equal(model.mtp_decoder.generate(ids, max_new_tokens=16, num_draft_tokens=drafts), reference)
+        for cache in ("dynamic", "static"):  # static: the fixed heads and the in-place rollback, run eagerly
+            got = model.mtp_decoder.generate(ids, max_new_tokens=16, num_draft_tokens=drafts,
+                                             cache_implementation=cache)
+            assert torch.equal(got, reference), (drafts, cache)
 
 
 def test_lora_expert_delta_equals_a_per_token_float64_loop():

@@ -84,10 +84,11 @@ def test_static_graph_vs_dynamic_bfloat16_first_divergence():
 
 
 @torch.no_grad()
-def test_verify_step_graph_replay_equals_eager_step():
+@pytest.mark.parametrize("in_place", [False, True], ids=["rollback", "rollback_in_place"])
+def test_verify_step_graph_replay_equals_eager_step(in_place):
     """Speculative decoding's T-token verify step, one graph per T (5, 2, 1), with a rollback after each and a
     one-token step between: every replay equals the eager fixed step (float32). Each T runs at least twice: a
-    shape's first call is its eager warm-up, the second captures."""
+    shape's first call is its eager warm-up, the second captures. In place, the rollback is a graph per T too."""
     from hybridize.model.decode_step import forward_new_tokens
 
     model = model_on_cuda(torch.float32)
@@ -100,12 +101,19 @@ def test_verify_step_graph_replay_equals_eager_step():
         outs[graph] = []
         for i, d in enumerate(drafts):
             cache.checkpointing = True
+            start = cache.seq_length
             outs[graph] += forward_new_tokens(model, cache, d)
-            cache.rollback(torch.tensor([1 + i % d.shape[1], d.shape[1]]))
+            keep = torch.tensor([1 + i % d.shape[1], d.shape[1]])
+            if in_place:
+                cache.rollback_in_place(keep.cuda())
+                cache.reclaim(start + d.shape[1])
+            else:
+                cache.rollback(keep)
             cache.checkpointing = False
             outs[graph].append(model(d[:, :1], cache=cache).logits)
         if graph:
             assert all(cache.decode_step.shapes[T, True].graph is not None for T in (1, 2, 5))
+            assert all((cache.decode_step.shapes[T, True].rollback.graph is not None) == in_place for T in (2, 5))
             assert cache.decode_step.graph is not None  # the one-token step between: its own graph
     delta = max((a - b).abs().max().item() for a, b in zip(outs[True], outs[False], strict=True))
     print(f"verify steps: graph replay vs eager fixed step: max |Δ| {delta:.3g}")

@@ -244,12 +244,15 @@ def _fresh_cache(model, ids, mask):
     return cache
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["dynamic", "static", "static-in-place"])
 @torch.no_grad()
-def test_rollback_equals_fresh_forward_per_row(model, static):
+def test_rollback_equals_fresh_forward_per_row(model, kind):
     """Verify 5 tokens, keep 2 in row 0 and 4 in row 1: every DeltaNet state, and the next token's logits, equal a
     fresh forward over exactly the kept prefix of that row (max |Δ| < 1e-5); row 1 is left-padded. On the static
-    cache the next token runs the fixed-buffer decoding step, whose positions and mask come from `valid`."""
+    cache the next token runs the fixed-buffer decoding step, whose positions and mask come from `valid`; in place,
+    the rollback reads the counts from a tensor it never copies to the host, and `reclaim` then frees the slots
+    past the longest row."""
+    static = kind != "dynamic"
     g = torch.Generator().manual_seed(5)
     prefix = torch.randint(1, V, (2, 9), generator=g)
     mask = torch.ones_like(prefix)
@@ -261,7 +264,12 @@ def test_rollback_equals_fresh_forward_per_row(model, static):
     cache.checkpointing = True
     model(new, cache=cache)
     keep = torch.tensor([2, 4])
-    cache.rollback(keep)
+    if kind == "static-in-place":
+        cache.rollback_in_place(keep)
+        assert cache.seq_length == 9 + 5  # every verified slot still used ...
+        cache.reclaim(9 + 4)  # ... until the host frees those past the longest row
+    else:
+        cache.rollback(keep)
     cache.checkpointing = False
     worst = 0.0
     for b in range(2):  # the DeltaNet states right after the rollback
@@ -652,6 +660,36 @@ def test_speculative_calls_reuse_the_static_cache(trained):
             first = held
     assert held is first and held.rows == 1
     trained.release_static_cache()
+
+
+def test_greedy_on_the_static_cache_rolls_back_in_place(trained, monkeypatch):
+    """The fixed-buffer path never calls `rollback` (which copies the accepted counts to the host: a sync per
+    verify step on a GPU): it rolls back in place and reclaims the free slots after the step's one host copy, and
+    stays token-identical to model.generate — batch 1 and batch 2 with a left-padded row."""
+    ids, mask = prompts()
+    reclaimed, reclaim = [], StaticHybridCache.reclaim
+    monkeypatch.setattr(StaticHybridCache, "rollback", lambda self, n: pytest.fail("rollback synced with the host"))
+    monkeypatch.setattr(StaticHybridCache, "reclaim", lambda self, n: reclaimed.append(n) or reclaim(self, n))
+    for rows, m in (([0], None), ([2, 6], mask[[2, 6]])):
+        got = trained.mtp_decoder.generate(ids[rows], max_new_tokens=23, attention_mask=m, num_draft_tokens=3,
+                                           cache_implementation="static")
+        assert torch.equal(got, _reference(trained, ids[rows], m, max_new_tokens=23)), rows
+    assert len(reclaimed) >= 2 * 6
+
+
+def test_rollback_in_place_refuses_misuse(model):
+    cache = StaticHybridCache(model.config, max_cache_len=8)
+    with torch.no_grad():
+        model(torch.ones(1, 3, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="checkpointing"):
+            cache.rollback_in_place(torch.ones(1, dtype=torch.long))
+        with pytest.raises(ValueError, match="cannot reclaim from slot 4"):
+            cache.reclaim(4)
+        cache.checkpointing = True
+        with torch.enable_grad():  # not the fixed-buffer step: an eager forward
+            model(torch.ones(1, 2, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="use rollback"):
+            cache.rollback_in_place(torch.ones(1, dtype=torch.long))
 
 
 @pytest.mark.parametrize("k", [1, 3, 4])

@@ -14,9 +14,10 @@ HybridCache, transformers' DynamicCache):
              transformers' DynamicCache through its own forward.
     verify   (`verify_tokens`, the hybrid only) at each decode batch and the first decode context, on one
              StaticHybridCache: the one-token step, then the T-token speculative verify step (cache.checkpointing,
-             T tokens, then `rollback(1)` untimed, so both kinds of step add one token per repeat and see the same
+             T tokens, then a rollback keeping 1, so both kinds of step add one token per repeat and see the same
              cache), each step timed alone between device syncs, median of `new_tokens`; ms per step, the ratio
-             to the one-token step, and the rollback's own ms. On CUDA both are CUDA-graph replays.
+             to the one-token step, and the rollback's own ms (`rollback_in_place` + `reclaim`, what greedy
+             speculative decoding runs). On CUDA all three are CUDA-graph replays.
 
 The copy bandwidth is measured first (a device-to-device copy: read + write). Rows that run out of memory are
 reported as such, not dropped. On CUDA, computing runs in bfloat16; on a CPU in float32 (the `tiny` shape there
@@ -241,8 +242,12 @@ def measure_verify(model: nn.Module, batch: int, context: int, cfg: InferBenchCo
     token = model(input_ids=ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
     one_ms, _ = _step_ms(lambda: model(input_ids=token, cache=cache), cfg.new_tokens, device)
 
-    def rollback() -> None:
-        cache.rollback(1)
+    keep_one = torch.ones(batch, dtype=torch.long, device=device)
+
+    def rollback() -> None:  # what greedy speculative decoding runs: in place, then the host frees the slots
+        start = cache.seq_length - cache.last_length
+        cache.rollback_in_place(keep_one)
+        cache.reclaim(start + 1)
         cache.checkpointing = False
 
     rows = []

@@ -13,6 +13,8 @@ A verify step (T new tokens while `cache.checkpointing`) is the same function wi
 valid tokens before each new one, the mask adds causality among the new tokens, and the DeltaNet layers write their
 state after every position into per-T buffers the cache holds (`StaticHybridCache._keep_checkpoints`), which
 `rollback` then reads. Shapes differ per T, so each T (with or without checkpoints) gets its own buffers and graph.
+Speculative decoding's rollback after a verify step is a graph per T as well (`DecodeStep.rollback`): each row's
+states picked at its accepted count, a device tensor, and its rejected slots marked invalid, with no host sync.
 
 torch.compile(mode="reduce-overhead") (what transformers' generate does for its compileable static caches) was
 considered: it would break its graph around fla's Triton kernels and the cache's Python bookkeeping; capturing
@@ -124,6 +126,9 @@ class _Shape:
         self.ids = torch.zeros(step.batch, T, dtype=torch.long, device=device)
         self.offsets = torch.arange(T, device=device)  # new token i goes to slot start + i, position before + i
         self.call = GraphedCall(lambda: step._compute(self), step.policy, label=f"batch {step.batch}, {T} new tokens")
+        self.n_keep = torch.ones(step.batch, dtype=torch.long, device=device)  # the rollback's input
+        self.rollback = GraphedCall(lambda: step._rollback(self), step.policy,
+                                    label=f"batch {step.batch}, rollback of {T} tokens")
 
     @property
     def graph(self) -> torch.cuda.CUDAGraph | None:
@@ -143,6 +148,7 @@ class DecodeStep:
         device = cache.valid.device
         self.start = torch.zeros(1, dtype=torch.long, device=device)  # the first new token's slot
         self.key_slots = torch.arange(cache.max_cache_len, device=device)
+        self.rows = torch.arange(self.batch, device=device)
         # (T, checkpointing) -> buffers and graph: a verify step also writes per-position checkpoints, a graph
         # captured without them must not stand in for it (nor the reverse), even at T == 1
         self.shapes: dict[tuple[int, bool], _Shape] = {}
@@ -174,6 +180,28 @@ class DecodeStep:
         finally:
             cache.write_slot = None
         return hidden, self.model.lm_head(hidden)
+
+    def _rollback(self, shape: _Shape) -> None:
+        """Row b keeps the first n_keep[b] of the T verified slots: their DeltaNet states from the per-position
+        checkpoints, the rest of the slots marked invalid (holes) — from device tensors only."""
+        cache, T = self.cache, shape.offsets.numel()
+        slots = self.start + shape.offsets
+        kept = shape.offsets < shape.n_keep[:, None]  # (B, T)
+        cache.valid.index_copy_(1, slots, cache.valid.index_select(1, slots) & kept)
+        pick = (self.rows, shape.n_keep - 1)
+        cache._set_linear_states({i: (conv[pick], rec[pick])
+                                  for i, (conv, rec) in cache._checkpoint_buffers.get(T, {}).items()})
+
+    @torch.no_grad()
+    def rollback(self, n_keep: torch.Tensor) -> None:
+        """After a verify step of T tokens (`cache.checkpointing`): row b keeps its first n_keep[b] (B,) tokens, a
+        device tensor never read on the host (no sync); one graph replay. The slots stay used (see
+        StaticHybridCache.rollback_in_place)."""
+        T = self.cache.last_length
+        shape = self.shapes[(T, True)]
+        shape.n_keep.copy_(n_keep)
+        self.start.fill_(self.cache.seq_length - T)
+        shape.rollback()
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

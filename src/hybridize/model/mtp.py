@@ -15,7 +15,9 @@ checkpoint exports as `mtp.{fc, pre_fc_norm_embedding, pre_fc_norm_hidden, layer
 Speculative decoding (`MTPDecoder.generate`): draft K tokens with the heads, verify all of them in one forward of
 the backbone over K+1 tokens, keep the longest prefix the backbone agrees with (greedy) or accepts by rejection
 sampling (Leviathan et al. 2023 / Chen et al. 2023: the output distribution is exactly the backbone's), and roll
-the cache back with `HybridCache.rollback`, which picks per-position DeltaNet checkpoints instead of replaying.
+the cache back with `HybridCache.rollback`, which picks per-position DeltaNet checkpoints instead of replaying
+(greedy on a static cache: `StaticHybridCache.rollback_in_place`, a graph replay that leaves the accepted counts on
+the device, so a verify step copies to the host once, at its end).
 On a StaticHybridCache (the default on CUDA) the verify forward is the fixed-buffer T-token step, a CUDA graph per T
 (`hybridize.model.decode_step`): eagerly, a verify step costs several one-token steps in kernel launches alone.
 """
@@ -199,6 +201,7 @@ class MTPDecoder:
             committed += sum(n_host[b] + 1 for b in active)
             verifies += len(active)
             out.commit([row[: row[k]] + [row[k + 1]] for row in rows])
+            run.reclaim(max(n_host))
         step = getattr(cache, "decode_step", None)
         self.stats = {"verify_steps": verifies, "tokens_per_verify": committed / max(verifies, 1),
                       "mean_accepted_drafts": committed / max(verifies, 1) - 1.0, "accepted": accepted,
@@ -243,6 +246,7 @@ class _Run:
         self.cache, self.mtp_cache, self.clock = cache, mtp_cache(), clock
         self.h_mtp: torch.Tensor | None = None  # (B, D) MTP output at each row's last kept position
         self.fixed_heads: FixedMTPHeads | None = None  # greedy on a static cache: the heads' graphed steps
+        self.verify_start = 0  # the first slot of the last verify step
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float() / self.temperature, dim=-1)
@@ -301,13 +305,16 @@ class _Run:
         accepted per row (B,) and the token that follows them (B,): the backbone's correction, or its bonus token
         when every draft was accepted."""
         self.cache.checkpointing = True
-        start = self.cache.seq_length
+        start = self.verify_start = self.cache.seq_length
         with self.clock("verify"):
             hidden, logits = forward_new_tokens(self.model, self.cache, torch.cat([tok[:, None], drafts], dim=1))
             n_acc, new = (self._accept_sampled(logits, drafts, q) if self.do_sample
                           else _accept_greedy(logits, drafts))
         with self.clock("rollback"):
-            self.cache.rollback(n_acc + 1)
+            if self.fixed_heads is not None:  # no host sync until the step's one copy (`reclaim`, after it)
+                self.cache.rollback_in_place(n_acc + 1)
+            else:
+                self.cache.rollback(n_acc + 1)
         self.cache.checkpointing = False
         with self.clock("heads"):
             # slots up to the last kept one (eager) or all verified ones (fixed heads: rows' holes are masked)
@@ -319,6 +326,12 @@ class _Run:
             else:
                 self.advance_mtp(hidden[:, :keep], nxt, n_acc)
         return n_acc, new
+
+    def reclaim(self, most_accepted: int) -> None:
+        """After the step's host copy, on the fixed-buffer path: the verified slots past the longest kept row hold
+        no token; the next step reuses them (so batch 1 leaves no holes)."""
+        if self.fixed_heads is not None:
+            self.cache.reclaim(self.verify_start + most_accepted + 1)
 
     def _accept_sampled(self, logits, drafts, q) -> tuple[torch.Tensor, torch.Tensor]:
         """Leviathan/Chen: accept draft d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection

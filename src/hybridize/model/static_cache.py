@@ -156,6 +156,30 @@ class StaticHybridCache(HybridCache):
         super().rollback(n_keep)
         self._sync_valid()
 
+    def rollback_in_place(self, n_keep: torch.Tensor) -> None:
+        """`rollback` for a device tensor n_keep (B,) that the host does not read: row b keeps the first n_keep[b]
+        tokens of the last forward (a checkpointing fixed-buffer step) and its other slots become masked holes;
+        every slot stays used, since which ones are free is not known here without a device-to-host copy (a sync
+        that would stall the GPU each verify step). `reclaim` frees the trailing ones once the host knows the
+        counts. n_keep is not range-checked (that would read it): 1 <= n_keep <= the forward's length."""
+        step, T = self.decode_step, self.last_length
+        if not self.checkpointing or T == 0:
+            raise ValueError("rollback needs a forward run with cache.checkpointing = True")
+        if step is None or (T, True) not in step.shapes:  # the forward was not the fixed-buffer step
+            raise ValueError("rollback_in_place follows a fixed-buffer verify step; use rollback")
+        step.rollback(n_keep)
+        self._checkpoints = {}
+        self.last_length = 0
+        self.attention_mask = self.valid[:, : self.seq_length]
+
+    def reclaim(self, length: int) -> None:
+        """After `rollback_in_place`: the slots from `length` on hold no row's token, so the next tokens may use
+        them (host bookkeeping, no device work: `valid` already masks them)."""
+        if length > self.seq_length:
+            raise ValueError(f"cannot reclaim from slot {length}: the cache holds {self.seq_length}")
+        self.seq_length = length
+        self.attention_mask = self.valid[:, :length]
+
     def restore(self, snap) -> None:
         super().restore(snap)
         self._sync_valid()
