@@ -1260,6 +1260,58 @@ def add_corpus_parser(sub) -> None:
     p.set_defaults(func=cmd_corpus)
 
 
+def add_sample_parser(sub) -> None:
+    from .train.samples import SampleConfig
+
+    d = SampleConfig()
+    p = sub.add_parser(
+        "sample",
+        help="write text sampled from a model (the teacher) as a JSONL corpus for distill / heal --data",
+        description="Sample documents from MODEL (the teacher: a Qwen3 / Llama folder, a GGUF file or a hybridize "
+        "folder) and write them to OUT as JSONL ({\"text\", \"source\": \"samples\", \"id\", "
+        "\"new_tokens\"} a line), a distillation source that covers the teacher's own distribution next to real "
+        "text: `distill --data corpus/train.jsonl OUT`. Each document starts at the EOS token (a fresh document, "
+        "as training data separates them) or, with --prompts, at the opening of a prompt document. Each batch has "
+        "its own seed, so a stopped run continues where it stopped with the same command (OUT.partial) and gives "
+        "the same file as an uninterrupted one. Runs on the GPU when there is one.",
+    )
+    p.add_argument("model", metavar="MODEL", help="the model to sample from (a folder or a .gguf file)")
+    p.add_argument("output", metavar="OUT", help="JSONL file to write (built in OUT.partial, renamed when done)")
+    p.add_argument("--tokens", type=_count, default=d.tokens,
+                   help="new tokens to write, k/M suffixes allowed; the last batch may pass it [default: 1M]")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=d.max_new_tokens,
+                   help=f"longest document in new tokens (one also ends at EOS) [default: {d.max_new_tokens}]")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"documents generated at once [default: {d.batch_size}]")
+    p.add_argument("--temperature", type=_positive_float, default=d.temperature,
+                   help=f"sampling temperature; 1 is the model's own distribution [default: {d.temperature}]")
+    p.add_argument("--top-p", type=_positive_float, default=d.top_p,
+                   help=f"nucleus sampling: keep the most likely tokens up to this much probability, 1 keeps all "
+                   f"[default: {d.top_p}]")
+    p.add_argument("--prompts", nargs="+", metavar="PATH",
+                   help="text / JSONL / Parquet files or folders whose documents' openings start the samples, in "
+                   "turn (steers the topics) [default: none: every sample starts a fresh document]")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=d.prompt_tokens,
+                   help=f"tokens of each prompt document that open a sample [default: {d.prompt_tokens}]")
+    p.add_argument("--seed", type=_int, default=d.seed,
+                   help=f"random seed (each batch draws with its own: seed, batch) [default: {d.seed}]")
+    _add_device_flag(p, "generates")
+    p.add_argument("--force", action="store_true", help="replace OUT if it already exists [default: refuse]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args) -> int:
+    from dataclasses import fields
+
+    from .train.samples import SampleConfig, sample_corpus
+
+    config = SampleConfig(**{f.name: getattr(args, f.name) for f in fields(SampleConfig)})
+    summary = sample_corpus(args.model, args.output, config, force=args.force, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_corpus(args) -> int:
     from dataclasses import fields
 
@@ -1305,6 +1357,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_parser(sub)
     add_train_etd_parser(sub)
     add_corpus_parser(sub)
+    add_sample_parser(sub)
     return parser
 
 
