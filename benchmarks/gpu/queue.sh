@@ -5,36 +5,46 @@
 #
 #   bash benchmarks/gpu/queue.sh SECONDS
 #
-# heal       the kl+passkey layers, seed ${SEED:-1}, all evaluations (the second seed of docs/BENCHMARKS.md's
-#            "Both scans at once"); the GPU tests run alongside (tiny shapes)
+# samples    5M tokens of text sampled from the teacher (`hybridize sample`, 512-token documents from EOS)
+# heal       the kl+passkey layers, seed ${SEED:-0}, all evaluations, on the corpus plus the samples (MIX=samples,
+#            the default: does the teacher's own text close the holdout gap of docs/BENCHMARKS.md's "Both scans at
+#            once"?) or on the corpus alone (MIX=none; SEED=1 is then that section's second seed); the GPU tests
+#            run alongside (tiny shapes)
 # after      MTP heads (train-mtp, 16.4M tokens) and the ETD arms (benchmarks/etd_smollm2.py) side by side
 # spec       bench --speculative on val and code, batch 1 and 8
 # verify8b   Qwen3-8B shapes: decode, 2- and 4-token verify steps
 # trainnone  the SmolLM2 training step without FSDP (bench --train --sharding none)
 set -u
 source benchmarks/gpu/env.sh
-budget=${1:?usage: queue.sh SECONDS} t0=$(date +%s) seed=${SEED:-1}
+budget=${1:?usage: queue.sh SECONDS} t0=$(date +%s) seed=${SEED:-0} mix=${MIX:-samples}
 left() { echo $(( budget - ($(date +%s) - t0) )); }
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 if [ ! -s $C/train_tokens.npy ]; then
   xz -dc ${PARTS:-.carry}/c4/train_tokens.npy.xz > $C/train_tokens.npy.tmp && mv $C/train_tokens.npy.tmp $C/train_tokens.npy
 fi
-model=$R/klpk-$seed/final
+model=$R/klpk-$mix-$seed/final
+data=($C/train_tokens.npy); [ "$mix" = samples ] && data+=($C/samples.jsonl)
 if [ -s ${PARTS:-.carry}/c4/triton.tar.xz ] && [ ! -d $TRITON_CACHE_DIR ]; then
   mkdir -p $TRITON_CACHE_DIR && tar xJf ${PARTS:-.carry}/c4/triton.tar.xz -C $TRITON_CACHE_DIR
 fi
 
+job_samples() {
+  [ "$mix" = samples ] || return 0
+  timeout "$(left)" python3 -m hybridize sample $G $C/samples.jsonl --tokens 5M --batch-size 512 \
+    --max-new-tokens 512 --no-progress > $R/samples.json 2>> $R/samples.log \
+    && head -n 20 $C/samples.jsonl > $R/samples_head.jsonl  # what the samples read like, for the docs
+}
 job_heal() {
   if [ ! -f $J/gputests.started ]; then touch $J/gputests.started
     (timeout 1200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_static.py tests/test_gpu_fused.py \
       tests/test_gpu_model.py > $R/gputests.log 2>&1; echo "rc=$?" >> $R/gputests.log) &
   fi
-  local run=$R/klpk-$seed resume=(); [ -d $run ] && resume=(--resume)
-  timeout "$(left)" python3 -m hybridize heal $G $run --data $C/train_tokens.npy \
+  local run=$R/klpk-$mix-$seed resume=(); [ -d $run ] && resume=(--resume)
+  timeout "$(left)" python3 -m hybridize heal $G $run --data "${data[@]}" \
     --eval-data $C/val.jsonl $C/holdout.jsonl --tokens 15M --seq-len 2048 --batch-size 16 --save-every 50 \
     --eval-every 100 --eval-tokens 131072 --eval-passkey 1k,2k,4k,8k --passkey-trials 5 --seed $seed \
     --weights-dtype bfloat16 --attention-layers 0,1,16,18,19,20,24 --no-progress "${resume[@]}" \
-    > $R/klpk-$seed.json 2>> $R/klpk-$seed.log
+    > $R/klpk-$mix-$seed.json 2>> $R/klpk-$mix-$seed.log
 }
 job_after() {
   local resume=(); [ -d $R/mtp.partial ] && resume=(--resume)
@@ -62,7 +72,7 @@ job_trainnone() {
     --sharding none --against none --checkpointing off --json $R/trainnone.json > $R/trainnone.txt 2>&1
 }
 
-for job in ${JOBS:-heal after spec verify8b trainnone}; do
+for job in ${JOBS:-samples heal after spec verify8b trainnone}; do
   [ -f $J/$job.done ] && continue
   [ "$(left)" -lt 20 ] && break
   echo "== $job $(date -u +%T), ${budget}s budget, $(left)s left"
