@@ -108,6 +108,28 @@ def test_prompts_open_the_samples(teacher, tmp_path):
     assert starts == ["w10w11w12", "w20w21w22", "w10w11w12", "w20w21w22"], texts[:4]
 
 
+def test_temperature_zero_is_greedy_decoding_of_the_prompts(teacher, tmp_path):
+    """Greedy continuations of the prompt openings (what speculative decoding verifies): model.generate's greedy
+    tokens, whatever the seed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (tmp_path / "p.txt").write_text("w5 w6 w7 w8 w9")
+    files = []
+    for seed in (0, 1):
+        files.append(tmp_path / f"g{seed}.jsonl")
+        assert sample(teacher, files[-1], *ARGS, "--temperature", 0, "--prompts", tmp_path / "p.txt",
+                      "--prompt-tokens", 2, "--seed", seed)[0] == 0
+    assert files[0].read_text() == files[1].read_text()
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(teacher)
+    opening = [tok.eos_token_id, *tok("w5 w6 w7", add_special_tokens=False)["input_ids"][:2]]
+    ids = torch.tensor([opening])
+    new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, 3:].tolist()
+    new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    assert records(files[0])[0]["text"] == tok.decode(opening[1:] + new, skip_special_tokens=True)
+
+
 def test_distill_reads_the_samples(teacher, tmp_path):
     from hybridize.train.data import iter_documents
 
@@ -115,7 +137,8 @@ def test_distill_reads_the_samples(teacher, tmp_path):
     assert list(iter_documents([tmp_path / "s.jsonl"])) == [d["text"] for d in records(tmp_path / "s.jsonl")]
 
 
-@pytest.mark.parametrize("case", ["exists", "no-model", "no-prompts", "temperature", "other-settings"])
+@pytest.mark.parametrize("case", ["exists", "no-model", "no-prompts", "temperature", "greedy-without-prompts",
+                                  "other-settings"])
 def test_misuse_is_one_line(teacher, tmp_path, case, monkeypatch):
     out = tmp_path / "s.jsonl"
     args, needle = [teacher, out, *ARGS], ""
@@ -128,8 +151,11 @@ def test_misuse_is_one_line(teacher, tmp_path, case, monkeypatch):
         args += ["--prompts", tmp_path / "nope.txt"]
         needle = "does not exist"
     elif case == "temperature":
+        args += ["--temperature", "-1"]
+        needle = "must be >= 0"
+    elif case == "greedy-without-prompts":
         args += ["--temperature", "0"]
-        needle = "must be > 0"
+        needle = "same document every time"
     else:  # a partial file of another seed is not continued with this one
         (tmp_path / "s.jsonl.partial").write_text("")
         (tmp_path / "s.jsonl.partial.json").write_text(json.dumps({"seed": 5}))

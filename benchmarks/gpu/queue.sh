@@ -12,6 +12,8 @@
 #            run alongside (tiny shapes)
 # after      MTP heads (train-mtp, 16.4M tokens) and the ETD arms (benchmarks/etd_smollm2.py) side by side
 # spec       bench --speculative on val and code, batch 1 and 8
+# mtpself    (not in the default list) heads trained on the healed hybrid's own greedy text (`hybridize sample
+#            --temperature 0` from the teacher samples' openings), then bench --speculative on val as `spec` does
 # verify8b   Qwen3-8B shapes: decode, 2- and 4-token verify steps
 # trainnone  the SmolLM2 training step without FSDP (bench --train --sharding none)
 set -u
@@ -61,6 +63,16 @@ job_after() {
 job_spec() {
   timeout "$(left)" python3 -m hybridize bench $R/mtp --speculative --data $C/val.jsonl $C/code.jsonl \
     --decode-batches 1,8 --draft-tokens 3 --prompts 16 --new-tokens 128 --json $R/spec.json > $R/spec.txt 2>&1
+}
+job_mtpself() {
+  timeout "$(left)" python3 -m hybridize sample $model $C/greedy.jsonl --temperature 0 --prompts $C/samples.jsonl \
+    --tokens 3M --batch-size 512 --max-new-tokens 256 --no-progress > $R/greedy.json 2>> $R/greedy.log || return 1
+  local resume=(); [ -d $R/mtp-self.partial ] && resume=(--resume)
+  timeout "$(left)" python3 -m hybridize train-mtp $model --data $C/greedy.jsonl --out $R/mtp-self --steps 1000 \
+    --batch-size 16 --seq-len 1024 --save-every 100 --no-progress "${resume[@]}" > $R/mtp-self.json \
+    2>> $R/mtp-self.log || return 1
+  timeout "$(left)" python3 -m hybridize bench $R/mtp-self --speculative --data $C/val.jsonl $C/code.jsonl \
+    --decode-batches 1,8 --draft-tokens 3 --prompts 16 --new-tokens 128 --json $R/spec-self.json > $R/spec-self.txt 2>&1
 }
 job_verify8b() {
   timeout "$(left)" python3 -m hybridize bench --shape qwen3-8b --prefill-lengths 4k --decode-batches 1 \

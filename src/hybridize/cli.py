@@ -185,6 +185,13 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = _float(text)
     if not value > 0:
@@ -1283,8 +1290,10 @@ def add_sample_parser(sub) -> None:
                    help=f"longest document in new tokens (one also ends at EOS) [default: {d.max_new_tokens}]")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help=f"documents generated at once [default: {d.batch_size}]")
-    p.add_argument("--temperature", type=_positive_float, default=d.temperature,
-                   help=f"sampling temperature; 1 is the model's own distribution [default: {d.temperature}]")
+    p.add_argument("--temperature", type=_nonnegative_float, default=d.temperature,
+                   help="sampling temperature; 1 is the model's own distribution, 0 greedy decoding of --prompts "
+                   "(the text speculative decoding verifies: data for train-mtp when sampling from the hybrid) "
+                   f"[default: {d.temperature}]")
     p.add_argument("--top-p", type=_positive_float, default=d.top_p,
                    help=f"nucleus sampling: keep the most likely tokens up to this much probability, 1 keeps all "
                    f"[default: {d.top_p}]")

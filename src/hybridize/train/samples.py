@@ -34,12 +34,14 @@ from .models import load_language_model, load_tokenizer
 @dataclass
 class SampleConfig:
     """What `hybridize sample` draws. Defaults: 1M new tokens of 512-token documents, the teacher's own
-    distribution (temperature 1) with its least likely 5 % of mass cut (top-p 0.95), from the document start."""
+    distribution (temperature 1) with its least likely 5 % of mass cut (top-p 0.95), from the document start.
+    Temperature 0 is greedy decoding of prompt openings: the text speculative decoding sees, on which MTP heads
+    can be trained (`train-mtp --data`) with the inputs they get when drafting."""
 
     tokens: int = 1_000_000  # new tokens to write (the last batch may pass it)
     max_new_tokens: int = 512  # per document; a document also ends at the EOS token
     batch_size: int = 32
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy (needs prompts)
     top_p: float = 0.95
     prompts: list[str] | None = None  # text files / JSONL whose documents' openings start the samples
     prompt_tokens: int = 16  # how much of each prompt document opens a sample
@@ -50,8 +52,11 @@ class SampleConfig:
         for name in ("tokens", "max_new_tokens", "batch_size", "prompt_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise HybridizeError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not self.temperature > 0:
-            raise HybridizeError(f"temperature must be > 0, got {self.temperature!r}")
+        if not self.temperature >= 0:
+            raise HybridizeError(f"temperature must be >= 0 (0: greedy), got {self.temperature!r}")
+        if self.temperature == 0 and not self.prompts:
+            raise HybridizeError("temperature 0 (greedy) without prompts writes the same document every time: give "
+                                 "prompts (--prompts) whose openings the model continues")
         if not 0 < self.top_p <= 1:
             raise HybridizeError(f"top_p must lie in (0, 1], got {self.top_p!r}")
 
@@ -121,9 +126,10 @@ def _draw(model, tokenizer, rows: list[list[int]], config: SampleConfig, seed: i
     """One batch: (text, new tokens) per row, the text decoded from the opening and the new tokens up to EOS."""
     ids, mask = _left_padded(rows, pad, model.device)
     torch.manual_seed(seed)
-    out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=config.temperature,
-                         top_p=config.top_p, top_k=0, max_new_tokens=config.max_new_tokens, eos_token_id=eos,
-                         pad_token_id=pad)
+    how = (dict(do_sample=False) if config.temperature == 0 else
+           dict(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=config.max_new_tokens, eos_token_id=eos,
+                         pad_token_id=pad, **how)
     docs = []
     for opening, new in zip(rows, out[:, ids.shape[1]:].tolist(), strict=True):
         new = new[: new.index(eos)] if eos in new else new
