@@ -5,17 +5,20 @@
 #
 #   bash benchmarks/gpu/queue.sh SECONDS
 #
-# samples    5M tokens of text sampled from the teacher (`hybridize sample`, 512-token documents from EOS)
+# The default order (JOBS), with the device time each took or is expected to take on an H200 (the session has
+# ~30 minutes, unpacking ~2):
+# verify8b   Qwen3-8B shapes, random weights: decode, 2- and 4-token verify steps, the graphed rollback (~2 min)
+# samples    5M tokens of text sampled from the teacher (`hybridize sample`, 512-token documents from EOS;
+#            not timed yet, guessed 2-4 min)
 # heal       the kl+passkey layers, seed ${SEED:-0}, all evaluations, on the corpus plus the samples (MIX=samples,
 #            the default: does the teacher's own text close the holdout gap of docs/BENCHMARKS.md's "Both scans at
 #            once"?) or on the corpus alone (MIX=none; SEED=1 is then that section's second seed); the GPU tests
-#            run alongside (tiny shapes)
-# after      MTP heads (train-mtp, 16.4M tokens) and the ETD arms (benchmarks/etd_smollm2.py) side by side
-# spec       bench --speculative on val and code, batch 1 and 8
-# mtpself    (not in the default list) heads trained on the healed hybrid's own greedy text (`hybridize sample
-#            --temperature 0` from the teacher samples' openings), then bench --speculative on val as `spec` does
-# verify8b   Qwen3-8B shapes: decode, 2- and 4-token verify steps
+#            run alongside (tiny shapes) (~15 min on a fresh machine: 3 of them Triton autotuning, 2 converting)
+# after      MTP heads (train-mtp, 16.4M tokens, ~3 min) and the ETD arms (benchmarks/etd_smollm2.py) side by side
+# spec       bench --speculative on val and code, batch 1 and 8 (~3 min)
 # trainnone  the SmolLM2 training step without FSDP (bench --train --sharding none)
+# mtpself    (not in the default list) heads trained on the healed hybrid's own greedy text (`hybridize sample
+#            --temperature 0` from the teacher samples' openings), then bench --speculative as `spec` does
 set -u
 source benchmarks/gpu/env.sh
 budget=${1:?usage: queue.sh SECONDS} t0=$(date +%s) seed=${SEED:-0} mix=${MIX:-samples}
@@ -84,7 +87,7 @@ job_trainnone() {
     --sharding none --against none --checkpointing off --json $R/trainnone.json > $R/trainnone.txt 2>&1
 }
 
-for job in ${JOBS:-samples heal after spec verify8b trainnone}; do
+for job in ${JOBS:-verify8b samples heal after spec trainnone}; do
   [ -f $J/$job.done ] && continue
   [ "$(left)" -lt 20 ] && break
   echo "== $job $(date -u +%T), ${budget}s budget, $(left)s left"
