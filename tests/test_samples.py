@@ -130,6 +130,32 @@ def test_temperature_zero_is_greedy_decoding_of_the_prompts(teacher, tmp_path):
     assert records(files[0])[0]["text"] == tok.decode(opening[1:] + new, skip_special_tokens=True)
 
 
+def test_a_hybrid_samples_on_its_static_cache(teacher, tmp_path):
+    """A hybridize model generates on its StaticHybridCache (the fixed-buffer step; CUDA graphs on a GPU): its
+    greedy text equals generate's on the dynamic cache."""
+    from transformers import AutoTokenizer
+
+    from hybridize.model.modeling import HybridForCausalLM
+    from hybridize.model.static_cache import StaticHybridCache
+    from hybridize.transfer.convert import convert_to_folder
+
+    convert_to_folder(str(teacher), tmp_path / "hybrid", progress=False)
+    (tmp_path / "p.txt").write_text("w5 w6 w7 w8 w9")
+    made, init = [], StaticHybridCache.__init__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StaticHybridCache, "__init__", lambda self, *a, **k: made.append(1) or init(self, *a, **k))
+        assert sample(tmp_path / "hybrid", tmp_path / "g.jsonl", *ARGS, "--temperature", 0, "--prompts",
+                      tmp_path / "p.txt", "--prompt-tokens", 2)[0] == 0
+    assert made
+    model = HybridForCausalLM.from_pretrained(tmp_path / "hybrid", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hybrid")
+    ids = torch.tensor([[tok.eos_token_id, *tok("w5 w6", add_special_tokens=False)["input_ids"][:2]]])
+    new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, 3:].tolist()
+    new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    assert records(tmp_path / "g.jsonl")[0]["text"] == tok.decode(ids[0, 1:].tolist() + new, skip_special_tokens=True)
+
+
 def test_distill_reads_the_samples(teacher, tmp_path):
     from hybridize.train.data import iter_documents
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..device import resolve_device
 from ..errors import HybridizeError
+from ..model.modeling import HybridForCausalLM
 from ..output import check_output_folder
 from .data import iter_documents
 from .models import load_language_model, load_tokenizer
@@ -128,6 +129,8 @@ def _draw(model, tokenizer, rows: list[list[int]], config: SampleConfig, seed: i
     torch.manual_seed(seed)
     how = (dict(do_sample=False) if config.temperature == 0 else
            dict(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0))
+    if isinstance(model, HybridForCausalLM):  # its decode engine: the fixed-buffer step, CUDA graphs on a GPU
+        how["cache_implementation"] = "static"
     out = model.generate(ids, attention_mask=mask, max_new_tokens=config.max_new_tokens, eos_token_id=eos,
                          pad_token_id=pad, **how)
     docs = []
