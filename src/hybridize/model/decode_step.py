@@ -182,15 +182,7 @@ class DecodeStep:
         return hidden, self.model.lm_head(hidden)
 
     def _rollback(self, shape: _Shape) -> None:
-        """Row b keeps the first n_keep[b] of the T verified slots: their DeltaNet states from the per-position
-        checkpoints, the rest of the slots marked invalid (holes) — from device tensors only."""
-        cache, T = self.cache, shape.offsets.numel()
-        slots = self.start + shape.offsets
-        kept = shape.offsets < shape.n_keep[:, None]  # (B, T)
-        cache.valid.index_copy_(1, slots, cache.valid.index_select(1, slots) & kept)
-        pick = (self.rows, shape.n_keep - 1)
-        cache._set_linear_states({i: (conv[pick], rec[pick])
-                                  for i, (conv, rec) in cache._checkpoint_buffers.get(T, {}).items()})
+        self.cache.keep_verified(self.start + shape.offsets, shape.n_keep, self.rows)
 
     @torch.no_grad()
     def rollback(self, n_keep: torch.Tensor) -> None:

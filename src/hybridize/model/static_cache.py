@@ -172,6 +172,16 @@ class StaticHybridCache(HybridCache):
         self.last_length = 0
         self.attention_mask = self.valid[:, : self.seq_length]
 
+    def keep_verified(self, slots: torch.Tensor, n_keep: torch.Tensor, rows: torch.Tensor) -> None:
+        """The device half of `rollback_in_place`, from device tensors only (so a CUDA graph can hold it): of the
+        last step's T slots `slots` (T,), row b keeps the first n_keep[b] — its DeltaNet states from the
+        per-position checkpoints, its later slots marked invalid. rows: arange(B)."""
+        kept = torch.arange(slots.numel(), device=slots.device) < n_keep[:, None]  # (B, T)
+        self.valid.index_copy_(1, slots, self.valid.index_select(1, slots) & kept)
+        pick = (rows, n_keep - 1)
+        self._set_linear_states({i: (conv[pick], rec[pick])
+                                 for i, (conv, rec) in self._checkpoint_buffers.get(slots.numel(), {}).items()})
+
     def reclaim(self, length: int) -> None:
         """After `rollback_in_place`: the slots from `length` on hold no row's token, so the next tokens may use
         them (host bookkeeping, no device work: `valid` already masks them)."""
