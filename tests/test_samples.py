@@ -110,24 +110,25 @@ def test_prompts_open_the_samples(teacher, tmp_path):
 
 def test_temperature_zero_is_greedy_decoding_of_the_prompts(teacher, tmp_path):
     """Greedy continuations of the prompt openings (what speculative decoding verifies): model.generate's greedy
-    tokens, whatever the seed."""
+    tokens for each opening alone, whatever the seed — openings of different lengths share a batch (left-padded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    (tmp_path / "p.txt").write_text("w5 w6 w7 w8 w9")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("w5 w6 w7 w8 w9", "w30")))
     files = []
     for seed in (0, 1):
         files.append(tmp_path / f"g{seed}.jsonl")
-        assert sample(teacher, files[-1], *ARGS, "--temperature", 0, "--prompts", tmp_path / "p.txt",
+        assert sample(teacher, files[-1], *ARGS, "--temperature", 0, "--prompts", tmp_path / "p.jsonl",
                       "--prompt-tokens", 2, "--seed", seed)[0] == 0
     assert files[0].read_text() == files[1].read_text()
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(teacher)
-    opening = [tok.eos_token_id, *tok("w5 w6 w7", add_special_tokens=False)["input_ids"][:2]]
-    ids = torch.tensor([opening])
-    new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, 3:].tolist()
-    new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
-    assert records(files[0])[0]["text"] == tok.decode(opening[1:] + new, skip_special_tokens=True)
+    for row, text in enumerate(("w5 w6 w7", "w30")):
+        ids = torch.tensor([[tok.eos_token_id, *tok(text, add_special_tokens=False)["input_ids"][:2]]])
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        want = tok.decode(ids[0, 1:].tolist() + new, skip_special_tokens=True)
+        assert records(files[0])[row]["text"] == want, row
 
 
 def test_a_hybrid_samples_on_its_static_cache(teacher, tmp_path):

@@ -67,22 +67,12 @@ def _openings(config: SampleConfig, tokenizer, start: int) -> list[list[int]]:
     each --prompts document, in order."""
     if not config.prompts:
         return [[start]]
-    for path in config.prompts:
-        if not Path(path).expanduser().exists():
-            raise HybridizeError(f"prompt file {path} does not exist")
     n = config.prompt_tokens
     openings = [[start, *tokenizer(doc[: 20 * n], add_special_tokens=False)["input_ids"][:n]]
                 for doc in iter_documents(config.prompts)]
     if not openings:
         raise HybridizeError(f"no text found in {', '.join(map(str, config.prompts))} to open samples with")
     return openings
-
-
-def _left_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
 
 
 def _settings(source, config: SampleConfig) -> dict:
@@ -122,17 +112,18 @@ def _resume(partial: Path, settings: dict) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _draw(model, tokenizer, rows: list[list[int]], config: SampleConfig, seed: int, eos: int, pad: int
+def _draw(model, tokenizer, rows: list[list[int]], config: SampleConfig, seed: int, eos: int
           ) -> list[tuple[str, int]]:
     """One batch: (text, new tokens) per row, the text decoded from the opening and the new tokens up to EOS."""
-    ids, mask = _left_padded(rows, pad, model.device)
+    batch = tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt").to(model.device)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     torch.manual_seed(seed)
     how = (dict(do_sample=False) if config.temperature == 0 else
            dict(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0))
     if isinstance(model, HybridForCausalLM):  # its decode engine: the fixed-buffer step, CUDA graphs on a GPU
         how["cache_implementation"] = "static"
     out = model.generate(ids, attention_mask=mask, max_new_tokens=config.max_new_tokens, eos_token_id=eos,
-                         pad_token_id=pad, **how)
+                         pad_token_id=tokenizer.pad_token_id, **how)
     docs = []
     for opening, new in zip(rows, out[:, ids.shape[1]:].tolist(), strict=True):
         new = new[: new.index(eos)] if eos in new else new
@@ -151,7 +142,8 @@ def sample_corpus(source: str | Path, out: str | Path, config: SampleConfig, for
     eos = tokenizer.eos_token_id
     if eos is None:
         raise HybridizeError(f"the tokenizer of {source} has no EOS token to end (and start) documents with")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if tokenizer.pad_token_id is None:  # left padding of the prompt openings (masked out)
+        tokenizer.pad_token_id = eos
     openings = _openings(config, tokenizer, eos)  # EOS separates documents in training: after it, a new one
     model = load_language_model(source, torch.bfloat16 if device.type == "cuda" else torch.float32,
                                 progress=progress).to(device)
@@ -162,7 +154,7 @@ def sample_corpus(source: str | Path, out: str | Path, config: SampleConfig, for
         while written < config.tokens:
             first = batch * config.batch_size
             rows = [openings[(first + r) % len(openings)] for r in range(config.batch_size)]
-            docs = _draw(model, tokenizer, rows, config, config.seed * 1_000_003 + batch, eos, pad)
+            docs = _draw(model, tokenizer, rows, config, config.seed * 1_000_003 + batch, eos)
             f.write("".join(json.dumps({"text": text, "source": "samples", "id": f"b{batch}r{r}", "new_tokens": n})
                             + "\n" for r, (text, n) in enumerate(docs)))
             f.flush()
