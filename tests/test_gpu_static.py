@@ -31,12 +31,13 @@ def model_on_cuda(dtype) -> HybridForCausalLM:
 
 
 @torch.no_grad()
-def _decode(model, ids, steps, cache):
-    """Greedy decoding through model(...) with `cache`; returns tokens (B, steps) and logits (B, steps, V)."""
+def _decode(model, ids, steps, cache, forced=None):
+    """Greedy decoding through model(...) with `cache`, or fed the tokens `forced` (B, steps) instead of its own
+    choices; returns the tokens (B, steps) and the logits that chose them (B, steps, V)."""
     logits = model(ids, cache=cache, logits_to_keep=1).logits[:, -1:]
     tokens, all_logits = [], []
-    for _ in range(steps):
-        token = logits[:, -1:].argmax(-1)
+    for i in range(steps):
+        token = logits[:, -1:].argmax(-1) if forced is None else forced[:, i : i + 1]
         tokens.append(token)
         all_logits.append(logits[:, -1].float())
         logits = model(token, cache=cache).logits
@@ -68,18 +69,24 @@ def test_static_graph_greedy_equals_dynamic_float32():
     assert torch.equal(a, b) and delta < 1e-2
 
 
-def test_static_graph_vs_dynamic_bfloat16_first_divergence():
+def test_static_graph_vs_dynamic_bfloat16():
+    """In bfloat16 the two paths round differently (other kernels, other orders), and a near-tie between two logits
+    (bfloat16 resolves 0.25 at 50) flips a greedy choice at some step, so the first divergence of free-running
+    decoding is reported, as the issue asks, not asserted on. What is asserted: fed the same tokens, the static graph's
+    logits are as close to the float32 model's (the same weights before rounding) as the dynamic cache's are."""
     model = model_on_cuda(torch.bfloat16)
     ids = torch.randint(1, VOCAB, (1, 200), device="cuda")
     a, la = _decode(model, ids, 256, StaticHybridCache(model.config, max_cache_len=512))
-    b, lb = _decode(model, ids, 256, HybridCache(model.config))
+    b, _ = _decode(model, ids, 256, HybridCache(model.config))
     differ = (a != b)[0].nonzero()
-    first = int(differ[0]) if len(differ) else None
-    upto = 256 if first is None else first + 1  # logits agree up to and including the first differing step
-    delta = (la[:, :upto].softmax(-1) - lb[:, :upto].softmax(-1)).abs().max().item()
-    print(f"bfloat16: static graph vs dynamic over 256 greedy tokens: first divergence at "
-          f"{'none' if first is None else first}; max |Δ prob| before it {delta:.3g}")
-    assert delta < 5e-2
+    _, lb = _decode(model, ids, 256, HybridCache(model.config), forced=a)
+    with torch.no_grad():
+        reference = model_on_cuda(torch.float32)(torch.cat([ids, a[:, :-1]], 1)).logits[:, ids.shape[1] - 1 :]
+    static, dynamic = (la - reference).abs().max().item(), (lb - reference).abs().max().item()
+    print(f"bfloat16, 256 greedy tokens: static graph vs dynamic first differ at step "
+          f"{int(differ[0]) if len(differ) else 'none'}; fed the same tokens, max |Δ logits| from float32: static "
+          f"{static:.3g}, dynamic {dynamic:.3g} (logits up to {reference.abs().max().item():.3g})")
+    assert static <= 2 * dynamic, (static, dynamic)
     assert model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static").shape == (1, 208)
 
 

@@ -40,6 +40,9 @@ def test_writes_the_token_budget_reproducibly(teacher, tmp_path):
     docs = records(tmp_path / "a.jsonl")
     total = sum(d["new_tokens"] for d in docs)
     assert 150 <= total < 150 + 3 * 12 and json.loads(out)["new_tokens"] == total
+    lines = [line for line in err.splitlines() if line.startswith("sample: batch ")]  # --no-progress: one a batch
+    assert len(lines) == len(docs) // 3 and f"{total:,} / 150 new tokens" in lines[-1]
+    assert json.loads(out)["new_tokens_this_run"] == total and json.loads(out)["tokens_per_second"] > 0
     assert len(docs) % 3 == 0 and len({d["id"] for d in docs}) == len(docs)
     assert all(d["source"] == "samples" and d["text"] for d in docs)
     assert not list(tmp_path.glob("*.partial*"))

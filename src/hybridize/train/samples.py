@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,7 +150,7 @@ def sample_corpus(source: str | Path, out: str | Path, config: SampleConfig, for
     model = load_language_model(source, torch.bfloat16 if device.type == "cuda" else torch.float32,
                                 progress=progress).to(device)
     batch, written = _resume(partial, _settings(source, config))
-    documents = 0
+    documents, new_this_run, start = 0, 0, time.perf_counter()
     with open(partial, "a", encoding="utf-8") as f, tqdm(total=config.tokens, initial=min(written, config.tokens),
                                                          unit="tok", desc="sample", disable=not progress) as bar:
         while written < config.tokens:
@@ -161,11 +163,17 @@ def sample_corpus(source: str | Path, out: str | Path, config: SampleConfig, for
             os.fsync(f.fileno())
             new = sum(n for _, n in docs)
             written, batch, documents = written + new, batch + 1, documents + len(docs)
+            new_this_run += new
             bar.update(min(new, config.tokens - bar.n))
+            if not progress:  # a log line per batch instead of the bar: how far, how fast
+                print(f"sample: batch {batch}: {written:,} / {config.tokens:,} new tokens, "
+                      f"{new_this_run / (time.perf_counter() - start):,.0f} tokens/s", file=sys.stderr, flush=True)
     os.replace(partial, out)
     partial.with_name(partial.name + ".json").unlink()
+    seconds = time.perf_counter() - start
     return {"out": str(out), "batches": batch, "new_tokens": written, "documents_this_run": documents,
-            "device": str(device)}
+            "new_tokens_this_run": new_this_run, "seconds_this_run": round(seconds, 1),
+            "tokens_per_second": round(new_this_run / seconds, 1), "device": str(device)}
 
 
 __all__ = ["SampleConfig", "sample_corpus"]
