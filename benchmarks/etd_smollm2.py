@@ -10,7 +10,9 @@ MODEL is a healed hybrid (`hybridize heal … OUT/final`), SOURCE its teacher. E
 - `experts-K` for each K in --iterations: an ETD model of MODEL with K think iterations, the base frozen, its 4 LoRA
   experts trained by `hybridize train-etd --part experts --teacher SOURCE`;
 - `routers`: the routers of `experts-2` (or the first K > 1) trained by `train-etd --part routers` (route-search
-  labels, base and experts frozen), --router-steps batches of 4 × 256 tokens.
+  labels, base and experts frozen), --router-steps batches of 4 × 256 tokens; the search keeps a SKIP that costs
+  at most --skip-bonus nats per token (the default spends the floor's budget, 1 % perplexity ≈ 0.01 nats per
+  token, on the ~6 skips that save 20 % of SmolLM2's 2 × 15 think-layer slots).
 Then each model (and MODEL itself) is evaluated on the first --eval-tokens tokens of VAL against the teacher
 (`hybridize eval`'s numbers: perplexity, KL, agreement), ETD models also for the share of think-layer executions
 their routers skip, and every model's forward time per token on the same windows (same process, same card).
@@ -82,6 +84,7 @@ def run_arms(args, head: Path) -> dict[str, Path]:
         if not (run / "model" / "config.json").is_file() or _steps_done(run) < args.router_steps:
             _hybridize("train-etd", src, run, "--data", head, "--part", "routers", "--steps", args.router_steps,
                        "--batch-size", 4, "--seq-len", 256, "--tokens", args.router_steps * 4 * 256,
+                       "--skip-bonus", args.skip_bonus,
                        "--no-progress", *_continue(run))
         models[f"routers-{looped[0]}"] = run / "model"
     return models
@@ -167,6 +170,8 @@ def main() -> None:
     p.add_argument("--experts-lr", type=float, default=1e-3, help="LoRA experts' learning rate [1e-3]")
     p.add_argument("--baseline-lr", type=float, default=5e-5, help="the baseline's peak learning rate [5e-5]")
     p.add_argument("--router-steps", type=int, default=100, help="router training steps (0: none) [100]")
+    p.add_argument("--skip-bonus", type=float, default=0.0015,
+                   help="route search: nats per token a SKIP may cost and still be kept [0.0015]")
     p.add_argument("--eval-tokens", type=_count, default=131072, help="validation tokens [131072]")
     p.add_argument("--eval-seq-len", type=int, default=2048, help="validation window [2048]")
     p.add_argument("--json", type=Path, help="also write the rows here [DIR/etd.json]")
