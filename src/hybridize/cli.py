@@ -1306,7 +1306,8 @@ def add_sample_parser(sub) -> None:
                    help=f"random seed (each batch draws with its own: seed, batch) [default: {d.seed}]")
     _add_device_flag(p, "generates")
     p.add_argument("--force", action="store_true", help="replace OUT if it already exists [default: refuse]")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars: a line per batch on stderr instead (tokens written, tokens/s)")
     p.set_defaults(func=cmd_sample)
 
 
